@@ -1,0 +1,266 @@
+"""The composition root: configuration in, running listeners out; drain and exit.
+
+Owns the lifetime of one meshproxy process: it builds the runtime objects from a validated
+``MeshConfig`` (host table, pools, stacks, listeners, admin server), reports readiness only once
+every listener is bound, drains on SIGTERM/SIGINT (stop accepting, finish in-flight requests with
+``connection: close``, exit when none is left or ``drainDuration`` has passed), and exits at once on
+``POST /quitquitquit``.
+
+Rules: the only place where config meets I/O; every task it starts is owned and awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Mapping
+from typing import TextIO
+
+from meshproxy import __version__
+from meshproxy.config.model import MeshConfig
+from meshproxy.core.routing import HostTable, inbound_cluster
+from meshproxy.io.admin import AdminResponse, AdminRoute, AdminServer
+from meshproxy.io.listener import Listener, Sweeper
+from meshproxy.io.pool import PoolManager
+from meshproxy.stacks.inbound import InboundStack
+from meshproxy.stacks.outbound import OutboundStack
+from meshproxy.telemetry.access_log import AccessLog
+
+log = logging.getLogger(__name__)
+
+_SECRET_FIELDS = frozenset({"private_key", "privateKey"})
+
+
+def to_jsonable(value: object) -> object:
+    """The config model as JSON: camelCase keys as in the YAML, absent fields left out."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if item is None or item == () or (isinstance(item, Mapping) and not item):
+                continue
+            key = f.metadata.get("yaml") or _camel(f.name)
+            out[key] = "[redacted]" if f.name in _SECRET_FIELDS else to_jsonable(item)
+        return out
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.rstrip("_").split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+class State(enum.Enum):
+    STARTING = "STARTING"
+    LIVE = "LIVE"
+    DRAINING = "DRAINING"
+    STOPPED = "STOPPED"
+
+
+class App:
+    """One meshproxy process worth of runtime objects."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        access_log: TextIO | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        self.state = State.STARTING
+        self.listeners: dict[str, Listener] = {}
+        self.admin: AdminServer | None = None
+        self.pools: PoolManager | None = None
+        self._access_log_out = access_log
+        self._rng = random.Random(seed)
+        self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._sweeper: Sweeper | None = None
+        self._started_at = time.time()
+
+    # -- start ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        spec = self.config.bootstrap.spec
+        loop = asyncio.get_running_loop()
+        access_log = AccessLog(self._access_log_out, loop.time()) if self._access_log_out else None
+        table = HostTable(self.config)
+        app_cluster = (
+            inbound_cluster(spec.inbound.address.port, spec.inbound.app.host, spec.inbound.app.port)
+            if spec.inbound is not None
+            else None
+        )
+        clusters = list(table.clusters.values())
+        if app_cluster is not None:
+            clusters.append(app_cluster)
+        self.pools = pools = PoolManager(clusters)
+        timeouts = spec.timeouts
+        try:
+            if spec.outbound is not None:
+                stack = OutboundStack(table, pools, self._rng, access_log)
+                await self._listen("outbound", spec.outbound.address, stack)
+            if spec.inbound is not None and app_cluster is not None:
+                inbound = InboundStack(app_cluster, pools, self._rng, access_log)
+                await self._listen("inbound", spec.inbound.address, inbound)
+            self.admin = AdminServer(spec.admin, self._admin_routes())
+            await self.admin.start()
+        except OSError:
+            await self.close()
+            raise
+        period = min(1.0, timeouts.request_headers / 4, timeouts.idle / 4)
+        self._sweeper = Sweeper(period, self._sweep)
+        self._sweeper.start()
+        self.state = State.LIVE
+
+    async def _listen(
+        self, name: str, address: object, stack: OutboundStack | InboundStack
+    ) -> None:
+        timeouts = self.config.bootstrap.spec.timeouts
+        listener = Listener(
+            name,
+            address,  # type: ignore[arg-type]
+            stack,
+            idle_timeout=timeouts.idle,
+            request_headers_timeout=timeouts.request_headers,
+        )
+        await listener.start()
+        self.listeners[name] = listener
+
+    def _sweep(self, now: float) -> None:
+        for listener in self.listeners.values():
+            listener.sweep(now)
+        if self.pools is not None:
+            self.pools.expire_idle(now)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_drain)
+
+    def begin_drain(self) -> None:
+        if self.state is not State.LIVE:
+            return
+        self.state = State.DRAINING
+        log.info("draining: %d connection(s) open", self.active_connections)
+        for listener in self.listeners.values():
+            listener.start_drain()
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="drain")
+
+    async def _drain(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.config.bootstrap.spec.drain_duration
+        # Bounded poll: the drain ends when no connection is left or at drainDuration.
+        while self.active_connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    @property
+    def active_connections(self) -> int:
+        return sum(listener.active for listener in self.listeners.values())
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        self.state = State.STOPPED
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        for listener in self.listeners.values():
+            await listener.close()
+        if self.pools is not None:
+            self.pools.close_all()
+        if self.admin is not None:
+            await self.admin.close()
+        task = self._drain_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def serve(self) -> None:
+        """Start, run until drained or told to quit, then close."""
+        await self.start()
+        try:
+            await self.wait_stopped()
+        finally:
+            await self.close()
+
+    # -- admin ----------------------------------------------------------------------------------
+    def _admin_routes(self) -> dict[tuple[str, str], AdminRoute]:
+        return {
+            ("GET", "/ready"): self._ready,
+            ("GET", "/config_dump"): self._config_dump,
+            ("GET", "/clusters"): self._clusters,
+            ("GET", "/listeners"): self._listeners,
+            ("GET", "/server_info"): self._server_info,
+            ("POST", "/quitquitquit"): self._quit,
+            ("POST", "/drain_listeners"): self._drain_listeners,
+        }
+
+    def _ready(self) -> AdminResponse:
+        if self.state is State.LIVE:
+            return AdminResponse(status=200, body=b"LIVE\n")
+        return AdminResponse(status=503, body=f"{self.state.value}\n".encode())
+
+    def _config_dump(self) -> AdminResponse:
+        dump = to_jsonable(self.config)
+        return _json(dump)
+
+    def _clusters(self) -> AdminResponse:
+        assert self.pools is not None
+        clusters: dict[str, list[dict[str, object]]] = {}
+        for name, pool in self.pools.all_pools():
+            clusters.setdefault(name, []).append(pool.snapshot())
+        return _json({"clusters": [{"name": n, "endpoints": e} for n, e in clusters.items()]})
+
+    def _listeners(self) -> AdminResponse:
+        return _json(
+            {
+                name: {
+                    "address": f"{lst.address.host}:{lst.port}",
+                    "active_connections": lst.active,
+                }
+                for name, lst in self.listeners.items()
+            }
+        )
+
+    def _server_info(self) -> AdminResponse:
+        return _json(
+            {
+                "version": __version__,
+                "state": self.state.value,
+                "uptime_seconds": int(time.time() - self._started_at),
+                "node": {
+                    "name": self.config.bootstrap.metadata.name,
+                    "namespace": self.config.bootstrap.metadata.namespace,
+                },
+            }
+        )
+
+    def _quit(self) -> AdminResponse:
+        # Exit now, for Jobs (Envoy /quitquitquit, istio-agent :15020/quitquitquit).
+        asyncio.get_running_loop().call_soon(self.stop)
+        return AdminResponse(status=200, body=b"OK\n")
+
+    def _drain_listeners(self) -> AdminResponse:
+        asyncio.get_running_loop().call_soon(self.begin_drain)
+        return AdminResponse(status=200, body=b"OK\n")
+
+
+def _json(value: object) -> AdminResponse:
+    body = json.dumps(value, indent=2, sort_keys=False).encode() + b"\n"
+    return AdminResponse(status=200, body=body, content_type=b"application/json")

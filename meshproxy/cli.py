@@ -1,0 +1,138 @@
+"""The command line: ``meshproxy run``, ``validate`` and ``demo``.
+
+Owns argument parsing, logging set-up (the only place handlers are configured) and the process
+exit codes: 0 on a clean exit or drain, 1 on invalid configuration, 2 on usage errors, 3 when a
+listener cannot bind.
+
+Rules: thin; everything it does is a call into ``app`` or ``config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from meshproxy import __version__
+from meshproxy.app import App
+from meshproxy.config.load import load_paths
+from meshproxy.errors import ConfigError
+from meshproxy.io.loop import loop_factory
+
+log = logging.getLogger("meshproxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy on a configuration")
+    run.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a YAML file or a directory of them; repeat for more",
+    )
+    run.add_argument(
+        "--access-log",
+        metavar="FILE",
+        help="write Envoy-format access log lines to FILE ('-' for stdout)",
+    )
+
+    validate = sub.add_parser("validate", help="check a configuration and exit")
+    validate.add_argument("-c", "--config", action="append", required=True, metavar="PATH")
+
+    demo = sub.add_parser("demo", help="run meshproxy on the bundled example and show it work")
+    demo.add_argument("--requests", type=int, default=3, help="how many requests to send")
+    demo.add_argument(
+        "--serve", action="store_true", help="keep serving after the demo requests (Ctrl-C to stop)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "validate":
+        return _validate(args.config)
+    if args.command == "run":
+        return _run(args.config, args.access_log)
+    if args.command == "demo":
+        from meshproxy.examples.demo import run_demo
+
+        return run_demo(requests=args.requests, serve=args.serve)
+    return 2
+
+
+def _validate(paths: list[str]) -> int:
+    try:
+        config = load_paths(paths)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{len(exc.issues)} error(s)", file=sys.stderr)
+        return 1
+    print(
+        f"ok: {len(config.sources)} file(s), {len(config.service_entries)} ServiceEntry, "
+        f"{len(config.virtual_services)} VirtualService, "
+        f"{len(config.destination_rules)} DestinationRule, bootstrap "
+        f"{config.bootstrap.metadata.name}.{config.bootstrap.metadata.namespace}"
+    )
+    return 0
+
+
+def _run(paths: list[str], access_log: str | None) -> int:
+    try:
+        config = load_paths(paths)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"refusing to start: {len(exc.issues)} configuration error(s)", file=sys.stderr)
+        return 1
+    out: TextIO | None = None
+    if access_log == "-":
+        out = sys.stdout
+    elif access_log:
+        out = open(access_log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_serve(config, out))
+    finally:
+        if out is not None and out is not sys.stdout:
+            out.close()
+
+
+async def _serve(config: object, access_log: TextIO | None) -> int:
+    from meshproxy.config.model import MeshConfig
+
+    assert isinstance(config, MeshConfig)
+    app = App(config, access_log=access_log)
+    try:
+        await app.start()
+    except OSError as exc:
+        print(f"cannot listen: {exc}", file=sys.stderr)
+        return 3
+    app.install_signal_handlers()
+    parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
+    if app.admin is not None:
+        parts.append(f"admin={app.admin.address.host}:{app.admin.port}")
+    print("meshproxy ready: " + " ".join(parts), flush=True)
+    try:
+        await app.wait_stopped()
+    finally:
+        await app.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,541 @@
+"""The downstream side of the edge: one asyncio Protocol per client connection.
+
+Owns a client connection from accept to close: bytes in go through the server codec; at the fixed
+points of a request (head parsed, upstream attached, response head, response end) it calls the
+stack's ``Handler`` and moves body chunks straight between itself and the ``UpstreamConnection``,
+pausing whichever side reads faster than the other can write (watermarks in ``io/pool.py``). It
+writes Envoy's local replies for ``ProxyError``s, tunnels WebSocket bytes after a 101, retries a
+replayable request once on a fresh connection when a pooled one turns out to be dead, and honours
+drain (``connection: close`` on the last response).
+
+Rules: callbacks only, except the connect, which runs as an owned, named task; no exception is
+used for flow on the hot path; per-request state is reset, not reallocated, between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import http
+import logging
+import socket
+import typing
+from typing import TYPE_CHECKING
+
+from meshproxy.core.h11codec import H11ServerCodec
+from meshproxy.core.http1 import Body, EndOfMessage, RequestHead, ResponseHead, Signal
+from meshproxy.core.record import RequestRecord
+from meshproxy.errors import (
+    BadRequest,
+    ConnectFailure,
+    ProxyError,
+    RequestTimeout,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from meshproxy.io.handler import Forward, Handler
+from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from meshproxy.io.listener import Listener
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.IntEnum):
+    IDLE = 0  # keep-alive, waiting for the first byte of a request
+    HEAD = 1  # some bytes of a request head received
+    ACTIVE = 2  # a request is being proxied
+    TUNNEL = 3  # after a 101: raw bytes both ways
+    CLOSED = 4
+
+
+# Reasons to stop reading from the client; reading resumes when none is left.
+_PAUSE_CONNECTING = 1  # no upstream yet to write the body to
+_PAUSE_UPSTREAM_FULL = 2  # the upstream's write buffer is over the high watermark
+_PAUSE_PIPELINE = 4  # the next request must wait for this response
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_CONTINUE = ResponseHead(status=100, headers=(), reason=b"Continue")
+
+
+class DownstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_connect_task",
+        "_pause",
+        "_pending_body",
+        "_processing",
+        "_reused",
+        "_timer",
+        "bodyless",
+        "codec",
+        "forward",
+        "handler",
+        "listener",
+        "loop",
+        "peer",
+        "phase",
+        "pool",
+        "record",
+        "replayed",
+        "replied",
+        "request_done",
+        "response_started",
+        "since",
+        "transport",
+        "upstream",
+        "write_paused",
+    )
+
+    def __init__(self, listener: Listener, handler: Handler) -> None:
+        self.listener = listener
+        self.handler = handler
+        self.loop = listener.loop
+        self.codec = H11ServerCodec()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.phase = Phase.IDLE
+        self.since = self.loop.time()
+        self._pause = 0
+        self._processing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self.write_paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.record: RequestRecord | None = None
+        self.forward: Forward | None = None
+        self.pool: EndpointPool | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.request_done = False
+        self.response_started = False
+        self.replied = False
+        self.replayed = False
+        self.bodyless = True
+        self._pending_body: list[bytes] = []
+        self._reused = False
+
+    # -- connection lifecycle -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.listener.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.phase
+        self.phase = Phase.CLOSED
+        self.listener.connections.discard(self)
+        self._cancel_timer()
+        task = self._connect_task
+        if task is not None and not task.done():
+            task.cancel()
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            # The client went away mid-exchange: cancel the upstream request, free its connection.
+            upstream.abort()
+        if was == Phase.ACTIVE and self.record is not None:
+            self._leave_pool()
+            self.record.add_flag("DC")
+            self._complete()
+
+    def eof_received(self) -> bool | None:
+        if self.phase == Phase.TUNNEL:
+            up = self.upstream
+            if up is not None and up.transport is not None and up.transport.can_write_eof():
+                up.transport.write_eof()
+            return True
+        # Half-closed after sending its request: still deliver the response, then close.
+        return self.phase == Phase.ACTIVE
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and self.phase != Phase.CLOSED:
+            self.phase = Phase.CLOSED
+            self.transport.close()
+
+    # -- reading requests ---------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase == Phase.TUNNEL:
+            if self.upstream is not None:
+                self.upstream.write(data)
+            return
+        if phase == Phase.IDLE:
+            self.phase = Phase.HEAD
+            self.since = self.loop.time()
+        elif phase == Phase.CLOSED:
+            return
+        self.codec.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            codec = self.codec
+            while self.phase != Phase.CLOSED and self.phase != Phase.TUNNEL:
+                try:
+                    event = codec.next_event()
+                except BadRequest as exc:
+                    self._reject(exc)
+                    return
+                kind = type(event)
+                if kind is Body:
+                    self._on_body(event.data)  # type: ignore[union-attr]
+                elif kind is RequestHead:
+                    self._on_head(event)  # type: ignore[arg-type]
+                elif kind is EndOfMessage:
+                    self._on_request_end()
+                elif event is Signal.NEED_DATA:
+                    return
+                elif event is Signal.PAUSED:
+                    # Pipelined bytes (or an upgrade in progress): wait for the response to finish.
+                    self._pause_reading(_PAUSE_PIPELINE)
+                    return
+                else:  # the client closed cleanly between requests
+                    self.close()
+                    return
+        finally:
+            self._processing = False
+
+    def _on_head(self, head: RequestHead) -> None:
+        self.phase = Phase.ACTIVE
+        now = self.loop.time()
+        record = self.record = RequestRecord(self.handler.direction, now, self.peer)
+        try:
+            forward = self.handler.on_request(head, record)
+        except ProxyError as exc:
+            self.bodyless = not any(
+                n in (b"content-length", b"transfer-encoding") for n, _ in head.headers
+            )
+            self._local_reply(exc)
+            return
+        self.forward = forward
+        self.bodyless = forward.replayable
+        if forward.expect_continue and self.transport is not None:
+            # Envoy (proxy_100_continue off) answers 100-continue itself and strips Expect.
+            self.transport.write(self.codec.send_informational(_CONTINUE))
+        self._start_attempt(forward.pool, reuse=True)
+
+    def _start_attempt(self, pool: EndpointPool, reuse: bool) -> None:
+        self.pool = pool
+        pool.active_requests += 1
+        pool.total_requests += 1
+        conn = pool.take_idle() if reuse else None
+        if conn is not None:
+            self._attach(conn, reused=True)
+            return
+        self._pause_reading(_PAUSE_CONNECTING)
+        self._pending_body = []
+        task = self.loop.create_task(self._connect(pool), name=f"connect {pool.endpoint.key}")
+        self._connect_task = task
+        self.listener.tasks.add(task)
+        task.add_done_callback(self.listener.tasks.discard)
+
+    async def _connect(self, pool: EndpointPool) -> None:
+        try:
+            conn = await pool.connect()
+        except ConnectFailure as exc:
+            self._connect_task = None
+            if self.phase == Phase.ACTIVE and self.pool is pool:
+                self._leave_pool()
+                self._fail_before_response(exc)
+            return
+        self._connect_task = None
+        if self.phase != Phase.ACTIVE or self.pool is not pool or self.replied:
+            conn.close()  # the client left (or was answered) while we were connecting
+            return
+        self._attach(conn, reused=False)
+
+    def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
+        forward = self.forward
+        record = self.record
+        assert forward is not None and record is not None and self.pool is not None
+        self.upstream = conn
+        conn.sink = self
+        conn.requests += 1
+        record.attempts += 1
+        record.upstream_host = self.pool.endpoint.key
+        self._reused = reused
+        codec = conn.codec
+        chunks = [codec.send_head(forward.head)]
+        pending = self._pending_body
+        if pending:
+            for data in pending:
+                chunks.extend(codec.send_body(data))
+            self._pending_body = []
+        if self.request_done:
+            chunks.append(codec.send_end())
+            self._arm_timeout()
+        conn.writelines(chunks)
+        if self.write_paused:
+            conn.pause_reading()
+        self._resume_reading(_PAUSE_CONNECTING)
+
+    def _on_body(self, data: bytes) -> None:
+        record = self.record
+        if record is not None:
+            record.bytes_received += len(data)
+        if self.replied:
+            return  # answered locally already: the rest of the body is read and dropped
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.writelines(upstream.codec.send_body(data))
+        else:
+            self._pending_body.append(data)
+
+    def _on_request_end(self) -> None:
+        self.request_done = True
+        if self.replied:
+            self._finish()
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(upstream.codec.send_end())
+            self._arm_timeout()
+
+    # -- the response (ResponseSink) ------------------------------------------------------------
+    def on_response_head(self, head: ResponseHead) -> None:
+        record, forward, transport = self.record, self.forward, self.transport
+        if self.phase != Phase.ACTIVE or record is None or forward is None or transport is None:
+            return
+        self._cancel_timer()
+        now = self.loop.time()
+        record.response_code = head.status
+        record.upstream_service_time = now - record.start
+        close = self.listener.draining or not self.request_done
+        out = self.handler.on_response(head, forward, record, close)
+        self.response_started = True
+        transport.write(self.codec.send_head(out))
+
+    def on_informational(self, head: ResponseHead) -> None:
+        record, forward, transport = self.record, self.forward, self.transport
+        if self.phase != Phase.ACTIVE or forward is None or record is None or transport is None:
+            return
+        if head.status != 101 or not forward.websocket:
+            return  # 100 Continue was answered already; other 1xx are not forwarded
+        self._cancel_timer()
+        record.response_code = 101
+        out = self.handler.on_response(head, forward, record, False)
+        transport.write(self.codec.send_informational(out))
+        self.response_started = True
+        self.phase = Phase.TUNNEL
+        rest = self.codec.trailing_data()
+        if rest and self.upstream is not None:
+            self.upstream.write(rest)
+        self._pause = 0
+        transport.resume_reading()
+
+    def on_response_body(self, data: bytes) -> None:
+        transport, record = self.transport, self.record
+        if transport is None or record is None or self.phase != Phase.ACTIVE:
+            return
+        record.bytes_sent += len(data)
+        transport.writelines(self.codec.send_body(data))
+
+    def on_response_end(self) -> None:
+        transport = self.transport
+        if transport is None or self.phase != Phase.ACTIVE:
+            return
+        transport.write(self.codec.send_end())
+        conn, pool = self.upstream, self.pool
+        self.upstream = None
+        if conn is not None and pool is not None:
+            if self.request_done:
+                pool.release(conn, self.loop.time())
+            else:
+                conn.close()  # the request was not fully sent: that connection is unusable
+                self.replied = True  # read and drop the rest of the request body
+        self._leave_pool()
+        if self.request_done:
+            self._finish()
+
+    def on_upstream_error(self, error: ProxyError) -> None:
+        conn = self.upstream
+        self.upstream = None
+        if self.phase != Phase.ACTIVE or self.record is None:
+            return
+        self._leave_pool()
+        if self.response_started:
+            # Too late for a local reply: reset the client connection, as Envoy does.
+            self.record.add_flag(error.flag)
+            self._complete()
+            self.phase = Phase.CLOSED
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        forward = self.forward
+        if (
+            isinstance(error, UpstreamReset)
+            and self._reused
+            and conn is not None
+            and not conn.got_response_bytes
+            and forward is not None
+            and forward.replayable
+            and not self.replayed
+        ):
+            # A pooled connection the upstream had already closed: not the request's fault.
+            self.replayed = True
+            self._start_attempt(self.handler.reselect(forward, self.record), reuse=False)
+            return
+        self._fail_before_response(error)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        if self.transport is not None and self.phase == Phase.TUNNEL:
+            self.record_bytes_sent(len(data))
+            self.transport.write(data)
+
+    def record_bytes_sent(self, n: int) -> None:
+        if self.record is not None:
+            self.record.bytes_sent += n
+
+    def on_tunnel_closed(self) -> None:
+        self.upstream = None
+        if self.phase == Phase.TUNNEL:
+            self._complete()
+            self.close()
+
+    def pause_request_body(self) -> None:
+        self._pause_reading(_PAUSE_UPSTREAM_FULL)
+
+    def resume_request_body(self) -> None:
+        self._resume_reading(_PAUSE_UPSTREAM_FULL)
+
+    # -- endings ------------------------------------------------------------------------------
+    def _fail_before_response(self, error: ProxyError) -> None:
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.abort()
+        self._local_reply(error)
+
+    def _local_reply(self, error: ProxyError) -> None:
+        transport = self.transport
+        if transport is None or self.phase == Phase.CLOSED:
+            return
+        record = self.record
+        if record is None:
+            record = self.record = RequestRecord(
+                self.handler.direction, self.loop.time(), self.peer
+            )
+        record.add_flag(error.flag)
+        record.response_code = error.status_hint
+        close = error.close or self.listener.draining or not (self.request_done or self.bodyless)
+        body = error.body
+        extra = ((b"x-envoy-overloaded", b"true"),) if error.flag == "UO" else ()
+        head = ResponseHead(
+            status=error.status_hint,
+            headers=self.listener.local_reply_headers(body, close, extra),
+            reason=_REASONS.get(error.status_hint, b""),
+        )
+        codec = self.codec
+        if isinstance(error, BadRequest):
+            data = [codec.send_error_head(head), body]
+        else:
+            data = [codec.send_head(head), *codec.send_body(body), codec.send_end()]
+        record.bytes_sent += len(body)
+        self.response_started = True
+        self.replied = True
+        self._cancel_timer()
+        transport.writelines(data)
+        if close:
+            self._complete()
+            self.close()
+        elif self.request_done:
+            self._finish()
+
+    def _reject(self, error: BadRequest) -> None:
+        """Malformed input: answer it, then close (the stream's framing can't be trusted)."""
+        self._local_reply(error)
+        self.close()
+
+    def _leave_pool(self) -> None:
+        pool = self.pool
+        if pool is not None:
+            pool.active_requests -= 1
+            self.pool = None
+
+    def _complete(self) -> None:
+        record = self.record
+        if record is not None and not record.end:
+            record.end = self.loop.time()
+            self.handler.on_complete(record)
+
+    def _finish(self) -> None:
+        """The exchange is over: report it and get ready for the next request, or close."""
+        self._cancel_timer()
+        self._complete()
+        self._reset()
+        if self.listener.draining or not self.codec.start_next_cycle():
+            self.close()
+            return
+        self.phase = Phase.IDLE
+        self.since = self.loop.time()
+        if self._pause & _PAUSE_PIPELINE:
+            self._resume_reading(_PAUSE_PIPELINE)
+            self.phase = Phase.HEAD
+            self._process()
+
+    # -- timers and flow control ----------------------------------------------------------------
+    def _arm_timeout(self) -> None:
+        forward = self.forward
+        if forward is not None and forward.timeout:
+            self._timer = self.loop.call_later(forward.timeout, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.phase == Phase.ACTIVE and not self.response_started:
+            conn, self.upstream = self.upstream, None
+            if conn is not None:
+                conn.abort()
+            self._leave_pool()
+            self._local_reply(UpstreamTimeout("route timeout"))
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the listener's sweeper: idle and slow-head connections are closed."""
+        phase = self.phase
+        if phase == Phase.IDLE:
+            if now - self.since >= self.listener.idle_timeout:
+                self.close()
+        elif phase == Phase.HEAD and now - self.since >= self.listener.request_headers_timeout:
+            self._reject(RequestTimeout("request headers not received in time"))
+
+    def drain(self) -> None:
+        """Stop after the current exchange; close now if between requests."""
+        if self.phase == Phase.IDLE:
+            self.close()
+
+    def _pause_reading(self, reason: int) -> None:
+        if not self._pause and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause |= reason
+
+    def _resume_reading(self, reason: int) -> None:
+        if self._pause & reason:
+            self._pause &= ~reason
+            if not self._pause and self.transport is not None and self.phase != Phase.CLOSED:
+                self.transport.resume_reading()

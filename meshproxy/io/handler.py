@@ -1,0 +1,47 @@
+"""The seam between the edge and a stack: what a listener asks at each fixed point of a request.
+
+Owns the ``Handler`` protocol that ``stacks/outbound.py`` and ``stacks/inbound.py`` implement, and
+the ``Forward`` decision a handler returns for a request head. The edge calls ``on_request`` once the
+head is parsed, ``on_response`` when the upstream's head arrives and ``on_complete`` when the
+exchange is over (successfully or not); everything else (bytes, backpressure, timers) is the edge's.
+
+Rules: plain synchronous calls; a handler raises ``ProxyError`` to answer with a local reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshproxy.core.http1 import RequestHead, ResponseHead
+from meshproxy.core.record import Direction, RequestRecord
+from meshproxy.io.pool import EndpointPool
+
+
+@dataclass(slots=True)
+class Forward:
+    """Send ``head`` to an endpoint of ``pools`` (the handler already chose ``pool``)."""
+
+    head: RequestHead
+    pool: EndpointPool
+    timeout: float | None  # seconds from the end of the request to the start of the response
+    websocket: bool
+    expect_continue: bool
+    replayable: bool  # no request body: safe to resend on a fresh connection
+
+
+class Handler(Protocol):
+    @property
+    def direction(self) -> Direction: ...
+
+    def on_request(self, head: RequestHead, record: RequestRecord) -> Forward: ...
+
+    def reselect(self, forward: Forward, record: RequestRecord) -> EndpointPool:
+        """Another endpoint for a replay after a stale pooled connection (the same one if alone)."""
+        ...
+
+    def on_response(
+        self, head: ResponseHead, forward: Forward, record: RequestRecord, close: bool
+    ) -> ResponseHead: ...
+
+    def on_complete(self, record: RequestRecord) -> None: ...

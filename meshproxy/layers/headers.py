@@ -1,0 +1,198 @@
+"""The header step: what a request and a response look like on the far side of the proxy.
+
+Owns header handling as an Istio sidecar's Envoy does it (reference §2.6, §2.7): hop-by-hop headers
+and every header named in ``Connection`` are removed both ways; ``x-request-id`` is generated when
+absent and kept when present; ``x-forwarded-proto`` is set when absent; ``x-forwarded-for`` is
+passed through untouched (``use_remote_address: false``); an absolute-form target becomes origin
+form with its authority in ``host``; ``x-envoy-upstream-rq-timeout-ms`` is consumed, not forwarded;
+``Expect: 100-continue`` is answered by the proxy (Envoy's ``proxy_100_continue: false``) and not
+forwarded; responses gain ``x-envoy-upstream-service-time``. Everything else passes unchanged.
+
+Rules: one pass over the header list per message; no regex; names are already lower-case.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from meshproxy.core.http1 import Header, RequestHead, ResponseHead
+from meshproxy.core.record import RequestRecord
+from meshproxy.errors import BadRequest, UpgradeForbidden
+
+# RFC 9110 §7.6.1 hop-by-hop fields plus the de-facto ones Envoy strips (reference §2.7).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+    }
+)
+# Request headers Envoy's router consumes (reference §2.1 [obs]); more arrive with retries (#4).
+_CONSUMED = frozenset({b"x-envoy-upstream-rq-timeout-ms", b"expect"})
+_CHUNKED: Header = (b"transfer-encoding", b"chunked")
+
+
+@dataclass(slots=True)
+class RequestPlan:
+    """What the header step learnt about a request, for the steps after it."""
+
+    head: RequestHead  # as it goes upstream
+    authority: str
+    timeout_ms: int | None  # x-envoy-upstream-rq-timeout-ms
+    websocket: bool
+    expect_continue: bool
+    has_body: bool
+
+
+def _named_in_connection(value: bytes) -> frozenset[bytes]:
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def request_id(rng: random.Random) -> bytes:
+    """A UUIDv4 string, as Envoy's UUID request-id extension generates."""
+    bits = rng.getrandbits(128)
+    bits = (bits & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+    bits = (bits & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    h = b"%032x" % bits
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+def plan_request(
+    head: RequestHead, record: RequestRecord, rng: random.Random, scheme: bytes = b"http"
+) -> RequestPlan:
+    """Build the upstream request head and fill the record's request fields."""
+    target = head.target
+    absolute_authority: bytes | None = None
+    if not target.startswith(b"/"):
+        if target.startswith((b"http://", b"https://")):
+            rest = target.split(b"://", 1)[1]
+            slash = rest.find(b"/")
+            absolute_authority = rest if slash < 0 else rest[:slash]
+            target = b"/" if slash < 0 else rest[slash:]
+            if not absolute_authority:
+                raise BadRequest("absolute-form target without authority")
+        elif target != b"*" or head.method != b"OPTIONS":
+            raise BadRequest("unsupported request target")
+
+    connection: bytes = b""
+    for name, value in head.headers:
+        if name == b"connection":
+            connection = connection + b"," + value if connection else value
+    dropped = _named_in_connection(connection) if connection else frozenset()
+    upgrade_tokens = b"upgrade" in dropped
+
+    out: list[Header] = []
+    append = out.append
+    rid: bytes | None = None
+    has_xfp = False
+    timeout_ms: int | None = None
+    upgrade: bytes | None = None
+    expect_continue = False
+    chunked = False
+    has_length = False
+    host: bytes = b""
+    for header in head.headers:
+        name = header[0]
+        if name in _HOP_BY_HOP:
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"upgrade":
+                upgrade = header[1]
+            elif name == b"te" and b"trailers" in header[1].lower():
+                # TE is hop-by-hop but "trailers" survives (Envoy keeps `te: trailers`).
+                append((b"te", b"trailers"))
+            continue
+        if name in dropped:
+            continue
+        if name in _CONSUMED:
+            if name == b"expect":
+                expect_continue = header[1].lower() == b"100-continue"
+                if not expect_continue:
+                    append(header)
+            else:
+                value = header[1]
+                timeout_ms = int(value) if value.isdigit() else None
+            continue
+        if name == b"host":
+            host = header[1]
+            if absolute_authority is not None:
+                continue
+        elif name == b"x-request-id":
+            rid = header[1]
+        elif name == b"x-forwarded-proto":
+            has_xfp = True
+        elif name == b"content-length":
+            has_length = True
+        elif name == b"user-agent":
+            record.user_agent = header[1].decode("latin-1")
+        elif name == b"x-forwarded-for":
+            record.x_forwarded_for = header[1].decode("latin-1")
+        append(header)
+
+    if absolute_authority is not None:
+        host = absolute_authority
+        out.insert(0, (b"host", host))
+    websocket = False
+    if upgrade is not None and upgrade_tokens:
+        if upgrade.lower() != b"websocket":
+            # Istio configures upgrade_configs [websocket] only; Envoy answers others with 403.
+            raise UpgradeForbidden(f"upgrade {upgrade!r}")
+        websocket = True
+        append((b"connection", b"upgrade"))
+        append((b"upgrade", upgrade))
+    if rid is None:
+        rid = request_id(rng)
+        append((b"x-request-id", rid))
+    if not has_xfp:
+        append((b"x-forwarded-proto", scheme))
+    if chunked:
+        append(_CHUNKED)
+
+    authority = host.decode("latin-1")
+    record.method = head.method.decode("latin-1")
+    record.path = target.decode("latin-1")
+    record.authority = authority
+    record.request_id = rid.decode("latin-1")
+    return RequestPlan(
+        head=RequestHead(method=head.method, target=target, headers=out),
+        authority=authority,
+        timeout_ms=timeout_ms,
+        websocket=websocket,
+        expect_continue=expect_continue,
+        has_body=chunked or has_length,
+    )
+
+
+def response_head(
+    head: ResponseHead, service_time_ms: int, close: bool, websocket: bool = False
+) -> ResponseHead:
+    """The response head as the client sees it."""
+    connection = b""
+    chunked = False
+    for name, value in head.headers:
+        if name == b"connection":
+            connection = connection + b"," + value if connection else value
+    dropped = _named_in_connection(connection) if connection else frozenset()
+    out: list[Header] = []
+    append = out.append
+    for header in head.headers:
+        name = header[0]
+        if name in _HOP_BY_HOP or name in dropped:
+            if name == b"transfer-encoding":
+                chunked = True
+            elif websocket and name == b"upgrade":
+                append(header)
+            continue
+        append(header)
+    append((b"x-envoy-upstream-service-time", b"%d" % service_time_ms))
+    if websocket:
+        append((b"connection", b"upgrade"))
+    elif chunked:
+        append(_CHUNKED)
+    if close:
+        append((b"connection", b"close"))
+    return ResponseHead(status=head.status, headers=out, reason=head.reason)

@@ -351,7 +351,7 @@ class RawClient:
                 headers = [(k.decode(), v.decode()) for k, v in event.headers]
             elif isinstance(event, h11.Data):
                 body += event.data
-            elif isinstance(event, h11.EndOfMessage) or isinstance(event, h11.ConnectionClosed):
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 break
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()

@@ -76,6 +76,7 @@ class _UpstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.open.discard(self)
         self.server.closed += 1
+        self.server.closed_event.set()
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -152,6 +153,14 @@ class Upstream:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.close_after_response = False
+        self.closed_event = asyncio.Event()
+
+    async def wait_closed(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until ``count`` connections in all have been closed."""
+        async with asyncio.timeout(timeout):
+            while self.closed < count:
+                self.closed_event.clear()
+                await self.closed_event.wait()
 
     async def start(self) -> Upstream:
         loop = asyncio.get_running_loop()

@@ -214,8 +214,7 @@ def _check_service_entry(chk: _Checker, se: ServiceEntry, hosts: dict[str, Servi
     if not spec.ports:
         chk.error(se, "spec.ports", "at least one port is required")
     wildcard = any(h.startswith("*") for h in spec.hosts)
-    if spec.resolution.value == "STATIC" and not spec.endpoints:
-        chk.error(se, "spec.endpoints", "resolution STATIC needs at least one endpoint")
+    # STATIC with no endpoints is valid in Istio (endpoints may arrive later): 503 UH until then.
     if wildcard and spec.resolution.value not in ("NONE", "DNS"):
         chk.error(se, "spec.resolution", "wildcard hosts need resolution NONE or DNS")
     for i, ep in enumerate(spec.endpoints):

@@ -164,7 +164,7 @@ class HostTable:
             endpoints: tuple[Endpoint, ...]
             if se.spec.resolution is Resolution.NONE or name.startswith("*"):
                 kind, endpoints = ClusterKind.ORIGINAL_DST, ()
-            elif se.spec.endpoints:
+            elif se.spec.endpoints or se.spec.resolution is Resolution.STATIC:
                 kind = ClusterKind.SERVICE
                 endpoints = tuple(
                     Endpoint(

@@ -59,6 +59,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "codec",
+        "eof",
         "got_response_bytes",
         "idle_since",
         "lost",
@@ -79,6 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.lost = False
         self.tunnel = False
         self.got_response_bytes = False
+        self.eof = False
 
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self._fail(UpstreamReset("upstream closed mid-response"))
                     return
         except UpstreamProtocolError as exc:
-            self._fail(exc)
+            self._fail(UpstreamReset(str(exc)) if self.eof else exc)
 
     def _fail(self, error: ProxyError) -> None:
         sink, self.sink = self.sink, None
@@ -140,7 +142,9 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         sink = self.sink
         if sink is not None and not self.tunnel:
-            # A response delimited by the end of the connection ends here.
+            # A response delimited by the end of the connection ends here; any other ending is
+            # the upstream resetting the exchange (Envoy: UC), not a protocol error.
+            self.eof = True
             self.codec.feed_eof()
             self._process(sink)
         return False  # close our side too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
 from collections.abc import AsyncIterator
@@ -90,10 +91,8 @@ async def test_connect_timeout_is_503_uf() -> None:
     for _ in range(4):
         s = socket.socket()
         s.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         fillers.append(s)
     rule = (
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"

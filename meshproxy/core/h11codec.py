@@ -39,6 +39,19 @@ from meshproxy.errors import (
 
 _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
+# h11 events are immutable: one shared end-of-message saves a header normalisation per message.
+_H11_EOM = h11.EndOfMessage()
+
+
+def _trusted(headers: HeaderList) -> list[tuple[bytes, bytes]]:
+    """Headers about to be framed by h11 with ``_parsed=True``.
+
+    Every head we send is built from headers h11 already validated when it parsed them, plus values
+    we generate ourselves, so h11's per-header regex validation would only repeat work on the hot
+    path. ``_parsed`` is h11's own flag for exactly this case (its readers use it); it still applies
+    the framing rules (Content-Length, Transfer-Encoding). Pinned by ``h11<0.17`` in pyproject.toml.
+    """
+    return headers if isinstance(headers, list) else list(headers)
 
 
 def _bad_request(exc: h11.RemoteProtocolError) -> BadRequest:
@@ -121,16 +134,24 @@ class H11ServerCodec:
         return data or b""
 
     def send_head(self, head: ResponseHead) -> bytes:
-        data = self._conn.send(
-            h11.Response(status_code=head.status, headers=list(head.headers), reason=head.reason)
-        )
+        try:
+            event = h11.Response(
+                status_code=head.status,
+                headers=_trusted(head.headers),
+                reason=head.reason,
+                _parsed=True,
+            )
+            data = self._conn.send(event)
+        except h11.LocalProtocolError as exc:
+            raise UpstreamProtocolError(f"response cannot be forwarded: {exc}") from exc
         return data or b""
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
 
     def send_end(self, trailers: HeaderList = ()) -> bytes:
-        data = self._conn.send(h11.EndOfMessage(headers=list(trailers)))
+        event = h11.EndOfMessage(headers=list(trailers)) if trailers else _H11_EOM
+        data = self._conn.send(event)
         return data or b""
 
     def start_next_cycle(self) -> bool:
@@ -188,20 +209,24 @@ class H11ClientCodec:
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
 
     def send_head(self, head: RequestHead) -> bytes:
-        data = self._conn.send(
-            h11.Request(
+        try:
+            event = h11.Request(
                 method=head.method,
                 target=head.target,
-                headers=list(head.headers),
+                headers=_trusted(head.headers),
+                _parsed=True,
             )
-        )
+            data = self._conn.send(event)
+        except h11.LocalProtocolError as exc:
+            raise BadRequest(f"request cannot be forwarded: {exc}") from exc
         return data or b""
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
 
     def send_end(self, trailers: HeaderList = ()) -> bytes:
-        data = self._conn.send(h11.EndOfMessage(headers=list(trailers)))
+        event = h11.EndOfMessage(headers=list(trailers)) if trailers else _H11_EOM
+        data = self._conn.send(event)
         return data or b""
 
     def feed(self, data: bytes) -> None:

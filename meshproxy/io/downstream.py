@@ -62,6 +62,7 @@ _CONTINUE = ResponseHead(status=100, headers=(), reason=b"Continue")
 class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_connect_task",
+        "_out",
         "_pause",
         "_pending_body",
         "_processing",
@@ -83,6 +84,7 @@ class DownstreamConnection(asyncio.Protocol):
         "response_started",
         "since",
         "transport",
+        "up_out",
         "upstream",
         "write_paused",
     )
@@ -101,6 +103,10 @@ class DownstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self.write_paused = False
+        # Bytes for the client and for the upstream, collected while one read is processed and
+        # written with one writelines (one syscall) at its end, not one write per event.
+        self._out: list[bytes] = []
+        self.up_out: list[bytes] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -216,6 +222,7 @@ class DownstreamConnection(asyncio.Protocol):
                     return
         finally:
             self._processing = False
+            self._flush_upstream()
 
     def _on_head(self, head: RequestHead) -> None:
         self.phase = Phase.ACTIVE
@@ -233,10 +240,12 @@ class DownstreamConnection(asyncio.Protocol):
         self.bodyless = forward.replayable
         if forward.expect_continue and self.transport is not None:
             # Envoy (proxy_100_continue off) answers 100-continue itself and strips Expect.
-            self.transport.write(self.codec.send_informational(_CONTINUE))
+            self._out.append(self.codec.send_informational(_CONTINUE))
+            self.flush()
         self._start_attempt(forward.pool, reuse=True)
 
     def _start_attempt(self, pool: EndpointPool, reuse: bool) -> None:
+        self.up_out = []  # anything meant for a previous attempt's connection is void
         self.pool = pool
         pool.active_requests += 1
         pool.total_requests += 1
@@ -286,7 +295,9 @@ class DownstreamConnection(asyncio.Protocol):
         if self.request_done:
             chunks.append(codec.send_end())
             self._arm_timeout()
-        conn.writelines(chunks)
+        self.up_out.extend(chunks)
+        if not self._processing:
+            self._flush_upstream()
         if self.write_paused:
             conn.pause_reading()
         self._resume_reading(_PAUSE_CONNECTING)
@@ -299,7 +310,7 @@ class DownstreamConnection(asyncio.Protocol):
             return  # answered locally already: the rest of the body is read and dropped
         upstream = self.upstream
         if upstream is not None:
-            upstream.writelines(upstream.codec.send_body(data))
+            self.up_out.extend(upstream.codec.send_body(data))
         else:
             self._pending_body.append(data)
 
@@ -310,7 +321,7 @@ class DownstreamConnection(asyncio.Protocol):
             return
         upstream = self.upstream
         if upstream is not None:
-            upstream.write(upstream.codec.send_end())
+            self.up_out.append(upstream.codec.send_end())
             self._arm_timeout()
 
     # -- the response (ResponseSink) ------------------------------------------------------------
@@ -324,8 +335,13 @@ class DownstreamConnection(asyncio.Protocol):
         record.upstream_service_time = now - record.start
         close = self.listener.draining or not self.request_done
         out = self.handler.on_response(head, forward, record, close)
+        try:
+            data = self.codec.send_head(out)
+        except ProxyError as exc:
+            self.on_upstream_error(exc)
+            return
         self.response_started = True
-        transport.write(self.codec.send_head(out))
+        self._out.append(data)
 
     def on_informational(self, head: ResponseHead) -> None:
         record, forward, transport = self.record, self.forward, self.transport
@@ -336,7 +352,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         record.response_code = 101
         out = self.handler.on_response(head, forward, record, False)
-        transport.write(self.codec.send_informational(out))
+        self._out.append(self.codec.send_informational(out))
+        self.flush()
         self.response_started = True
         self.phase = Phase.TUNNEL
         rest = self.codec.trailing_data()
@@ -350,13 +367,14 @@ class DownstreamConnection(asyncio.Protocol):
         if transport is None or record is None or self.phase != Phase.ACTIVE:
             return
         record.bytes_sent += len(data)
-        transport.writelines(self.codec.send_body(data))
+        self._out.extend(self.codec.send_body(data))
 
     def on_response_end(self) -> None:
         transport = self.transport
         if transport is None or self.phase != Phase.ACTIVE:
             return
-        transport.write(self.codec.send_end())
+        self._out.append(self.codec.send_end())
+        self.flush()
         conn, pool = self.upstream, self.pool
         self.upstream = None
         if conn is not None and pool is not None:
@@ -368,6 +386,21 @@ class DownstreamConnection(asyncio.Protocol):
         self._leave_pool()
         if self.request_done:
             self._finish()
+
+    def flush(self) -> None:
+        """Write what the response side collected (called once per upstream read)."""
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None and self.phase != Phase.CLOSED:
+                self.transport.writelines(out)
+
+    def _flush_upstream(self) -> None:
+        out = self.up_out
+        if out:
+            self.up_out = []
+            if self.upstream is not None:
+                self.upstream.writelines(out)
 
     def on_upstream_error(self, error: ProxyError) -> None:
         conn = self.upstream
@@ -456,6 +489,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.response_started = True
         self.replied = True
         self._cancel_timer()
+        self.flush()
         transport.writelines(data)
         if close:
             self._complete()

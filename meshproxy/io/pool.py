@@ -51,6 +51,7 @@ class ResponseSink(Protocol):
     def on_response_end(self) -> None: ...
     def on_upstream_error(self, error: ProxyError) -> None: ...
     def on_tunnel_data(self, data: bytes) -> None: ...
+    def flush(self) -> None: ...
     def on_tunnel_closed(self) -> None: ...
     def pause_request_body(self) -> None: ...
     def resume_request_body(self) -> None: ...
@@ -103,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_response_bytes = True
         self.codec.feed(data)
         self._process(sink)
+        sink.flush()
 
     def _process(self, sink: ResponseSink) -> None:
         codec = self.codec
@@ -147,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.eof = True
             self.codec.feed_eof()
             self._process(sink)
+            sink.flush()
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -364,3 +364,25 @@ async def test_max_requests_per_connection_closes_upstream_connections() -> None
                 assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
             await client.close()
     assert up.connections == 3
+
+
+async def test_idle_upstream_connections_are_closed_after_the_pool_idle_timeout() -> None:
+    rule = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+        "metadata: {name: reviews}\nspec:\n  host: reviews\n"
+        "  trafficPolicy: {connectionPool: {http: {idleTimeout: 200ms}}}\n"
+    )
+    extra = "timeouts:\n  requestHeaders: 400ms\n"  # the sweeper runs every 100 ms
+    async with upstream() as up:
+        config = join(bootstrap(extra=extra), service_entry("reviews", [up.port]), rule)
+        async with proxy(config) as px:
+            client = await RawClient.connect(px.port)
+            assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await up.wait_closed(1)  # the proxy closed its idle pooled connection
+            assert 0.15 <= loop.time() - started < 3
+            # ...and a later request opens a new one.
+            assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
+            await client.close()
+    assert up.connections == 2

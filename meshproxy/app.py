@@ -119,7 +119,11 @@ class App:
         except OSError:
             await self.close()
             raise
-        period = min(1.0, timeouts.request_headers / 4, timeouts.idle / 4)
+        # One sweep serves every timeout; it runs at a quarter of the shortest (at most 1 s).
+        shortest = min(
+            [timeouts.request_headers, timeouts.idle, *(c.idle_timeout for c in clusters)]
+        )
+        period = min(1.0, max(shortest / 4, 0.01))
         self._sweeper = Sweeper(period, self._sweep)
         self._sweeper.start()
         self.state = State.LIVE

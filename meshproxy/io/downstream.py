@@ -382,10 +382,14 @@ class DownstreamConnection(asyncio.Protocol):
                 pool.release(conn, self.loop.time())
             else:
                 conn.close()  # the request was not fully sent: that connection is unusable
-                self.replied = True  # read and drop the rest of the request body
         self._leave_pool()
         if self.request_done:
             self._finish()
+        else:
+            # The upstream answered before the request body was done (its response went out
+            # with `connection: close`): stop reading a body nobody will use.
+            self._complete()
+            self.close()
 
     def flush(self) -> None:
         """Write what the response side collected (called once per upstream read)."""

@@ -240,7 +240,12 @@ class EndpointPool:
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
         limit = self.cluster.max_requests_per_connection
-        if conn.usable and conn.codec.start_next_cycle() and not (limit and conn.requests >= limit):
+        if (
+            conn.usable
+            and conn.codec.start_next_cycle()
+            and not conn.codec.trailing_data()  # bytes after the response: not a clean stream
+            and not (limit and conn.requests >= limit)
+        ):
             conn.idle_since = now
             conn.got_response_bytes = False
             self.idle.append(conn)

@@ -372,9 +372,8 @@ async def test_idle_upstream_connections_are_closed_after_the_pool_idle_timeout(
         "metadata: {name: reviews}\nspec:\n  host: reviews\n"
         "  trafficPolicy: {connectionPool: {http: {idleTimeout: 200ms}}}\n"
     )
-    extra = "timeouts:\n  requestHeaders: 400ms\n"  # the sweeper runs every 100 ms
     async with upstream() as up:
-        config = join(bootstrap(extra=extra), service_entry("reviews", [up.port]), rule)
+        config = join(bootstrap(), service_entry("reviews", [up.port]), rule)
         async with proxy(config) as px:
             client = await RawClient.connect(px.port)
             assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
@@ -386,3 +385,27 @@ async def test_idle_upstream_connections_are_closed_after_the_pool_idle_timeout(
             assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
             await client.close()
     assert up.connections == 2
+
+
+async def test_upstream_answering_before_the_body_ends_closes_the_client_connection() -> None:
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+        await writer.drain()
+        await reader.read()  # until the proxy closes its side
+        writer.close()
+
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with proxy(join(bootstrap(), service_entry("reviews", [port]))) as px:
+            reader, writer = await asyncio.open_connection("127.0.0.1", px.port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 100000\r\n\r\n")
+            writer.write(b"x" * 1000)  # ...and the rest never comes
+            raw = await asyncio.wait_for(reader.read(), 5)  # EOF: the proxy closed
+            writer.close()
+    finally:
+        server.close()
+    assert raw.startswith(b"HTTP/1.1 413")
+    assert raw.endswith(b"big!")
+    assert b"connection: close" in raw.lower()

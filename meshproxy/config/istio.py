@@ -41,9 +41,19 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 def fqdn(host: str, namespace: str) -> str:
     """Istio's ResolveShortnameToFQDN: a name without a dot is a Kubernetes service short name."""
     host = host.lower()
-    if "." in host or host == "*" or host.startswith("*"):
-        return host
+    if "." in host or ":" in host or host.startswith("*"):
+        return host  # already qualified, a wildcard, or an IPv6 address
     return f"{host}.{namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def key_path(parent: str, key: str) -> str:
+    """A field path step: ``parent.key``, or ``parent["key"]`` for keys that are not identifiers."""
+    if _IDENT.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return f'{parent}["{key}"]'
 
 
 def kind_of(resource: Resource) -> str:
@@ -215,6 +225,8 @@ def _check_service_entry(chk: _Checker, se: ServiceEntry, hosts: dict[str, Servi
         chk.error(se, "spec.ports", "at least one port is required")
     wildcard = any(h.startswith("*") for h in spec.hosts)
     # STATIC with no endpoints is valid in Istio (endpoints may arrive later): 503 UH until then.
+    if spec.resolution.value == "NONE" and spec.endpoints:
+        chk.error(se, "spec.endpoints", "resolution NONE takes no endpoints (use STATIC or DNS)")
     if wildcard and spec.resolution.value not in ("NONE", "DNS"):
         chk.error(se, "spec.resolution", "wildcard hosts need resolution NONE or DNS")
     for i, ep in enumerate(spec.endpoints):
@@ -234,11 +246,11 @@ def _check_service_entry(chk: _Checker, se: ServiceEntry, hosts: dict[str, Servi
             if pname not in names:
                 chk.error(
                     se,
-                    f'{path}.ports["{pname}"]' if "-" in pname else f"{path}.ports.{pname}",
+                    key_path(f"{path}.ports", pname),
                     f"port name {pname!r} is not one of spec.ports",
                 )
             if not 0 < pnum < 65536:
-                chk.error(se, f"{path}.ports.{pname}", f"invalid port {pnum}")
+                chk.error(se, key_path(f"{path}.ports", pname), f"invalid port {pnum}")
         if ep.weight is not None and ep.weight < 0:
             chk.error(se, f"{path}.weight", "must not be negative")
 
@@ -367,7 +379,7 @@ def _check_route(
             _check_match(chk, vs, f"{mp}.{fname}", getattr(m, fname))
         for group in ("headers", "without_headers", "query_params"):
             for key, sm in getattr(m, group).items():
-                gp = f"{mp}.{_camel(group)}.{key}"
+                gp = key_path(f"{mp}.{_camel(group)}", key)
                 if group != "query_params" and key != key.lower():
                     chk.error(vs, gp, f"header name {key!r} must be lower case")
                 _check_match(chk, vs, gp, sm)

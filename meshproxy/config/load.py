@@ -118,10 +118,7 @@ def camel(name: str) -> str:
     return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
-def _render_path(parent: str, key: str) -> str:
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        return f"{parent}.{key}" if parent else key
-    return f'{parent}["{key}"]'
+_render_path = istio.key_path
 
 
 class _Invalid:
@@ -382,13 +379,13 @@ def load_texts(sources: Sequence[tuple[str, str]]) -> MeshConfig:
             )
             continue
         for node in nodes:
-            if node is None:
-                continue
+            if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _TAG_NULL):
+                continue  # an empty document (a trailing `---`, or only comments)
             item = _decode_document(file, node, issues)
             if item is not None:
                 located.append(item)
     if not issues:
-        config = _assemble(located, issues)
+        config = _assemble(located, [file for file, _ in sources], issues)
         if config is not None and not issues:
             return config
     raise ConfigError(sorted(issues, key=lambda i: (i.file, i.line)))
@@ -461,7 +458,9 @@ def _peek_name(dec: _Decoder, meta: yaml.Node | None) -> str:
     return ""
 
 
-def _assemble(located: list[_Located], issues: list[ConfigIssue]) -> MeshConfig | None:
+def _assemble(
+    located: list[_Located], files: list[str], issues: list[ConfigIssue]
+) -> MeshConfig | None:
     by_id = {id(item.resource): item for item in located}
 
     def locate(resource: Resource, path: str) -> tuple[str, int]:
@@ -471,12 +470,13 @@ def _assemble(located: list[_Located], issues: list[ConfigIssue]) -> MeshConfig 
             line = item.lines.get(probe)
             if line is not None:
                 return item.file, line
-            probe = re.sub(r"(\.[^.\[]+|\[[^\]]*\])$", "", probe)
+            shorter = re.sub(r"(\.[^.\[]+|\[[^\]]*\])$", "", probe)
+            probe = "" if shorter == probe else shorter  # a top-level name: stop
         return item.file, item.line
 
     config = istio.assemble(
         [item.resource for item in located],
-        sources=tuple(dict.fromkeys(item.file for item in located)),
+        sources=tuple(dict.fromkeys(files)),
         locate=locate,
         report=issues.append,
     )

@@ -24,6 +24,7 @@ from typing import TextIO
 
 from meshproxy import __version__
 from meshproxy.config.model import MeshConfig
+from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable, inbound_cluster
 from meshproxy.io.admin import AdminResponse, AdminRoute, AdminServer
 from meshproxy.io.listener import Listener, Sweeper
@@ -109,7 +110,8 @@ class App:
         timeouts = spec.timeouts
         try:
             if spec.outbound is not None:
-                stack = OutboundStack(table, pools, self._rng, access_log)
+                routes = RouteTable(self.config, table)
+                stack = OutboundStack(table, routes, pools, self._rng, access_log)
                 await self._listen("outbound", spec.outbound.address, stack)
             if spec.inbound is not None and app_cluster is not None:
                 inbound = InboundStack(app_cluster, pools, self._rng, access_log)

@@ -62,10 +62,31 @@ class ProxyError(MeshProxyError):
     body: bytes = b""
     # Close the downstream connection after the reply (malformed input leaves the stream unusable).
     close: bool = False
+    # Extra response headers of the local reply (lower-case name, value).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.__class__.__name__)
         self.detail = detail
+
+
+class DirectReply(ProxyError):
+    """A reply the route itself prescribes: redirect, directResponse, CORS preflight, fault abort."""
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        *,
+        flag: str = "",
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        detail: str = "",
+    ) -> None:
+        super().__init__(detail or f"direct reply {status}")
+        self.status_hint = status
+        self.body = body
+        self.flag = flag
+        self.headers = headers
 
 
 class NoRoute(ProxyError):

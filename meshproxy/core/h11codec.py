@@ -11,6 +11,7 @@ the h11 version range in pyproject.toml and by the conformance tests.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import h11
@@ -37,6 +38,7 @@ from meshproxy.errors import (
     UpstreamProtocolError,
 )
 
+_HEAD_END = re.compile(rb"\n\r?\n")
 _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 # h11 events are immutable: one shared end-of-message saves a header normalisation per message.
@@ -74,6 +76,8 @@ class H11ServerCodec:
         self._want_head = True
 
     def feed(self, data: bytes) -> None:
+        if not data:
+            return  # end of input is feed_eof(), never an empty read
         if self._want_head and len(self._raw) <= MAX_HEAD_BYTES:
             self._raw += data
         self._conn.receive_data(data)
@@ -87,14 +91,16 @@ class H11ServerCodec:
         except h11.RemoteProtocolError as exc:
             raise _bad_request(exc) from exc
         if type(event) is h11.Data:
-            if event.chunk_start:
-                self._check_chunk(len(event.data))
+            # A size line can arrive in one read and its data in a later one (chunk_start is
+            # then False): check what is left of the chunk on every piece of it.
+            self._check_chunk(len(event.data))
             return Body(event.data)
         if type(event) is h11.Request:
             return self._on_request(event)
         if type(event) is h11.EndOfMessage:
             return EndOfMessage(event.headers) if event.headers else _EOM
         if event is _NEED_DATA:
+            self._check_chunk(0)  # a size line alone is enough to reject
             return Signal.NEED_DATA
         if event is _PAUSED:
             return Signal.PAUSED
@@ -102,9 +108,9 @@ class H11ServerCodec:
 
     def _on_request(self, event: h11.Request) -> RequestHead:
         raw = self._raw
-        end = raw.find(b"\r\n\r\n")
-        if end < 0:
-            end = raw.find(b"\n\n")
+        # The head ends at the first empty line, CRLF or bare LF (which h11 also accepts).
+        found = _HEAD_END.search(raw)
+        end = found.start() if found is not None else -1
         raw_head = bytes(raw[:end]) if end >= 0 else None
         check_head_size(end if end >= 0 else len(raw))
         self._want_head = False

@@ -127,8 +127,12 @@ def check_request_head(head: RequestHead, raw_head: bytes | None) -> None:
     transfer_encoding: bytes | None = None
     for name, value in head.headers:
         if name == b"content-length":
+            if content_length is not None:
+                raise BadRequest("duplicate content-length")
             content_length = value
         elif name == b"transfer-encoding":
+            if transfer_encoding is not None:
+                raise NotImplementedEncoding("more than one transfer-encoding")
             transfer_encoding = value
     if transfer_encoding is not None:
         if transfer_encoding.lower() != b"chunked":

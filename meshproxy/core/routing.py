@@ -19,11 +19,15 @@ from types import MappingProxyType
 
 from meshproxy.config.istio import CLUSTER_DOMAIN, fqdn
 from meshproxy.config.model import (
+    ConsistentHashLB,
     DestinationRule,
     MeshConfig,
+    PortTrafficPolicy,
     Resolution,
     ServiceEntry,
     ServicePort,
+    SimpleLB,
+    TrafficPolicy,
     TrafficPolicyMode,
 )
 
@@ -31,6 +35,7 @@ from meshproxy.config.model import (
 DEFAULT_CONNECT_TIMEOUT = 10.0  # mesh connectTimeout
 DEFAULT_IDLE_TIMEOUT = 3600.0  # connectionPool.http.idleTimeout
 _LOOKUP_CACHE_MAX = 4096
+_CACHEABLE_AUTHORITY = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,16 +59,39 @@ class ClusterKind(enum.Enum):
     INBOUND = "inbound"  # the local app
 
 
+class LbKind(enum.Enum):
+    LEAST_REQUEST = "LEAST_REQUEST"  # Istio's default when loadBalancer is unset
+    ROUND_ROBIN = "ROUND_ROBIN"
+    RANDOM = "RANDOM"
+    PASSTHROUGH = "PASSTHROUGH"  # the request's own destination (original dst)
+    RING_HASH = "RING_HASH"
+    MAGLEV = "MAGLEV"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LbPolicy:
+    kind: LbKind = LbKind.LEAST_REQUEST
+    hash: ConsistentHashLB | None = None  # the key, for RING_HASH and MAGLEV
+    ring_size: int = 1024  # ringHash.minimumRingSize default (destination_rule.proto)
+    table_size: int = 65537  # maglev.tableSize default (Envoy)
+
+
+DEFAULT_LB = LbPolicy()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cluster:
     name: str
     service: str  # FQDN of the service ("" for passthrough)
     port: int
     kind: ClusterKind
+    subset: str = ""
     endpoints: tuple[Endpoint, ...] = ()
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_requests_per_connection: int = 0  # 0 = unlimited
+    lb: LbPolicy = DEFAULT_LB
+    policy: TrafficPolicy | None = None  # the effective DestinationRule policy, for later layers
 
 
 class Miss(enum.Enum):
@@ -93,7 +121,8 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int 
         host, sep, port_s = authority.rpartition(":")
         if not sep:
             host, port_s = authority, ""
-    if port_s.isdigit() and 0 < int(port_s) < 65536:
+    # isascii: str.isdigit() also accepts superscripts and other digits int() cannot take whole.
+    if port_s.isascii() and port_s.isdigit() and len(port_s) <= 5 and 0 < int(port_s) < 65536:
         return host.lower(), int(port_s)
     return host.lower(), default_port
 
@@ -105,9 +134,8 @@ def _endpoint_port(port: ServicePort, ep_ports: Mapping[str, int]) -> int:
     return port.target_port or port.number
 
 
-def _pool_settings(rule: DestinationRule | None) -> tuple[float, float, int]:
+def _pool_settings(tp: TrafficPolicy | None) -> tuple[float, float, int]:
     connect, idle, per_conn = DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, 0
-    tp = rule.spec.traffic_policy if rule is not None else None
     pool = tp.connection_pool if tp is not None else None
     if pool is not None and pool.tcp is not None:
         if pool.tcp.connect_timeout is not None:
@@ -126,40 +154,134 @@ def cluster_name(port: int, service: str, subset: str = "") -> str:
     return f"outbound|{port}|{subset}|{service}"
 
 
+def _apply(
+    base: TrafficPolicy | None, over: TrafficPolicy | PortTrafficPolicy | None
+) -> TrafficPolicy | None:
+    """Istio's traffic policy merge: each set block of ``over`` replaces the same block of ``base``."""
+    if over is None:
+        return base
+    if base is None:
+        base = TrafficPolicy()
+    return TrafficPolicy(
+        load_balancer=over.load_balancer or base.load_balancer,
+        connection_pool=over.connection_pool or base.connection_pool,
+        outlier_detection=over.outlier_detection or base.outlier_detection,
+        tls=over.tls or base.tls,
+        port_level_settings=base.port_level_settings,
+    )
+
+
+def _port_level(tp: TrafficPolicy | None, port: int) -> PortTrafficPolicy | None:
+    if tp is None:
+        return None
+    for pl in tp.port_level_settings:
+        if pl.port is not None and pl.port.number == port:
+            return pl
+    return None
+
+
+def effective_policy(
+    rule: DestinationRule | None, port: int, subset: str = ""
+) -> TrafficPolicy | None:
+    """DR policy for a port and subset: top level, then its port level, then the subset's, then
+    the subset's port level (Istio ``MergeTrafficPolicy``)."""
+    if rule is None:
+        return None
+    top = rule.spec.traffic_policy
+    policy = _apply(top, _port_level(top, port))
+    if subset:
+        for s in rule.spec.subsets:
+            if s.name == subset:
+                policy = _apply(policy, s.traffic_policy)
+                policy = _apply(policy, _port_level(s.traffic_policy, port))
+    return policy
+
+
+def lb_policy(tp: TrafficPolicy | None) -> LbPolicy:
+    lb = tp.load_balancer if tp is not None else None
+    if lb is None:
+        return DEFAULT_LB
+    ch = lb.consistent_hash
+    if ch is not None:
+        if ch.maglev is not None:
+            return LbPolicy(kind=LbKind.MAGLEV, hash=ch, table_size=ch.maglev.table_size)
+        ring = ch.ring_hash.minimum_ring_size if ch.ring_hash is not None else None
+        ring = ring or ch.minimum_ring_size or 1024
+        return LbPolicy(kind=LbKind.RING_HASH, hash=ch, ring_size=ring)
+    simple = lb.simple
+    if simple is SimpleLB.ROUND_ROBIN:
+        return LbPolicy(kind=LbKind.ROUND_ROBIN)
+    if simple is SimpleLB.RANDOM:
+        return LbPolicy(kind=LbKind.RANDOM)
+    if simple is SimpleLB.PASSTHROUGH:
+        return LbPolicy(kind=LbKind.PASSTHROUGH)
+    return DEFAULT_LB  # UNSPECIFIED, LEAST_REQUEST and the deprecated LEAST_CONN
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def host_aliases(name: str, namespace: str) -> list[str]:
+    """The names a sidecar in ``namespace`` answers for a service FQDN (Istio virtual host domains):
+    the FQDN, ``name.ns.svc``, ``name.ns`` and, in the same namespace, the short name."""
+    suffix = f".svc.{CLUSTER_DOMAIN}"
+    if not name.endswith(suffix):
+        return [name]
+    short_ns = name[: -len(suffix)]  # "reviews.default"
+    short, _, ns = short_ns.partition(".")
+    aliases = [name, f"{short_ns}.svc", short_ns]
+    if ns == namespace:
+        aliases.append(short)
+    return aliases
+
+
 @dataclass(frozen=True, slots=True)
-class _Service:
-    clusters: Mapping[int, Cluster]
+class Service:
+    name: str  # FQDN
+    clusters: Mapping[int, Cluster]  # by service port, no subset
+    subsets: Mapping[tuple[int, str], Cluster]  # by (service port, subset name)
     default: Cluster
+
+    def cluster(self, port: int | None, subset: str = "") -> Cluster | None:
+        """The cluster for a destination; a port is optional when the service has only one."""
+        if port is None:
+            port = self.default.port  # the only port, else 80, else the first
+        if subset:
+            return self.subsets.get((port, subset))
+        return self.clusters.get(port)
 
 
 class HostTable:
     """Maps a request's authority to a cluster, as a sidecar's outbound virtual hosts do."""
 
-    __slots__ = ("_cache", "_exact", "_mode", "_namespace", "_wildcards", "clusters")
+    __slots__ = ("_cache", "_exact", "_mode", "_namespace", "_wildcards", "clusters", "services")
 
     def __init__(self, config: MeshConfig) -> None:
         self._namespace = config.bootstrap.metadata.namespace
         self._mode = config.bootstrap.spec.outbound_traffic_policy
         rules = {fqdn(r.spec.host, r.metadata.namespace): r for r in config.destination_rules}
-        self._exact: dict[str, _Service] = {}
-        self._wildcards: list[tuple[str, _Service]] = []
+        self._exact: dict[str, Service] = {}
+        self._wildcards: list[tuple[str, Service]] = []
         self.clusters: dict[str, Cluster] = {}
+        self.services: dict[str, Service] = {}
         for se in config.service_entries:
             for host in se.spec.hosts:
                 name = fqdn(host, se.metadata.namespace)
                 service = self._build_service(se, name, rules.get(name))
+                self.services[name] = service
                 if name.startswith("*"):
                     self._wildcards.append((name[1:], service))
                     continue
-                for alias in self._aliases(name):
+                for alias in host_aliases(name, self._namespace):
                     self._exact.setdefault(alias, service)
         # The longest wildcard suffix is the most specific (Envoy virtual host domain matching).
         self._wildcards.sort(key=lambda item: len(item[0]), reverse=True)
         self._cache: dict[str, Target | Miss] = {}
 
-    def _build_service(self, se: ServiceEntry, name: str, rule: DestinationRule | None) -> _Service:
-        connect, idle, per_conn = _pool_settings(rule)
+    def _build_service(self, se: ServiceEntry, name: str, rule: DestinationRule | None) -> Service:
         clusters: dict[int, Cluster] = {}
+        subsets: dict[tuple[int, str], Cluster] = {}
         for port in se.spec.ports:
             endpoints: tuple[Endpoint, ...]
             if se.spec.resolution is Resolution.NONE or name.startswith("*"):
@@ -178,36 +300,49 @@ class HostTable:
                 # DNS resolution without endpoints: the host name itself is the endpoint.
                 kind = ClusterKind.SERVICE
                 endpoints = (Endpoint(address=name, port=port.target_port or port.number),)
-            cluster = Cluster(
-                name=cluster_name(port.number, name),
-                service=name,
-                port=port.number,
-                kind=kind,
-                endpoints=endpoints,
-                connect_timeout=connect,
-                idle_timeout=idle,
-                max_requests_per_connection=per_conn,
-            )
-            clusters[port.number] = cluster
-            self.clusters[cluster.name] = cluster
+            subset_names = [s.name for s in rule.spec.subsets] if rule is not None else []
+            for subset in ("", *subset_names):
+                policy = effective_policy(rule, port.number, subset)
+                selected = endpoints
+                if subset and rule is not None:
+                    selector = next(s.labels for s in rule.spec.subsets if s.name == subset)
+                    selected = tuple(e for e in endpoints if labels_match(selector, e.labels))
+                connect, idle, per_conn = _pool_settings(policy)
+                lb = lb_policy(policy)
+                cluster = Cluster(
+                    name=cluster_name(port.number, name, subset),
+                    service=name,
+                    port=port.number,
+                    kind=ClusterKind.ORIGINAL_DST if lb.kind is LbKind.PASSTHROUGH else kind,
+                    subset=subset,
+                    endpoints=selected,
+                    connect_timeout=connect,
+                    idle_timeout=idle,
+                    max_requests_per_connection=per_conn,
+                    lb=lb,
+                    policy=policy,
+                )
+                if subset:
+                    subsets[(port.number, subset)] = cluster
+                else:
+                    clusters[port.number] = cluster
+                self.clusters[cluster.name] = cluster
         ports = se.spec.ports
         # A Host without a port: the service's only port, else port 80, else its first port.
         if len(ports) == 1:
             default = clusters[ports[0].number]
         else:
             default = clusters.get(80) or clusters[ports[0].number]
-        return _Service(MappingProxyType(clusters), default)
+        return Service(name, MappingProxyType(clusters), MappingProxyType(subsets), default)
 
-    def _aliases(self, name: str) -> list[str]:
-        suffix = f".svc.{CLUSTER_DOMAIN}"
-        if not name.endswith(suffix):
-            return [name]
-        short_ns = name[: -len(suffix)]  # "reviews.default"
-        short, _, ns = short_ns.partition(".")
-        aliases = [name, f"{short_ns}.svc", short_ns]
-        if ns == self._namespace:
-            aliases.append(short)
-        return aliases
+    def service(self, name: str) -> Service | None:
+        """A service by FQDN (or a wildcard entry covering it)."""
+        found = self.services.get(name)
+        if found is None:
+            for suffix, candidate in self._wildcards:
+                if name.endswith(suffix):
+                    return candidate
+        return found
 
     def resolve(self, authority: str) -> Target | Miss:
         """Resolve a Host header value (any case, with or without a port)."""
@@ -215,9 +350,10 @@ class HostTable:
         if hit is not None:
             return hit
         result = self._resolve(authority)
-        if len(self._cache) >= _LOOKUP_CACHE_MAX:
-            self._cache.clear()  # bounded: an attacker cycling Host values cannot grow it
-        self._cache[authority] = result
+        if len(authority) <= _CACHEABLE_AUTHORITY:  # bounded in bytes, not only in entries
+            if len(self._cache) >= _LOOKUP_CACHE_MAX:
+                self._cache.clear()  # an attacker cycling Host values cannot grow it
+            self._cache[authority] = result
         return result
 
     def _resolve(self, authority: str) -> Target | Miss:

@@ -34,6 +34,7 @@ from meshproxy.errors import (
     UpstreamTimeout,
 )
 from meshproxy.io.handler import Forward, Handler
+from meshproxy.io.mirror import MIRROR_BODY_MAX, shadow
 from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ _CONTINUE = ResponseHead(status=100, headers=(), reason=b"Continue")
 class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_connect_task",
+        "_mirror_body",
         "_out",
         "_pause",
         "_pending_body",
@@ -121,6 +123,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.bodyless = True
         self._pending_body: list[bytes] = []
         self._reused = False
+        self._mirror_body: list[bytes] | None = None
 
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -242,7 +245,19 @@ class DownstreamConnection(asyncio.Protocol):
             # Envoy (proxy_100_continue off) answers 100-continue itself and strips Expect.
             self._out.append(self.codec.send_informational(_CONTINUE))
             self.flush()
+        if forward.mirrors:
+            self._mirror_body = []
+        if forward.delay:
+            # Fault injection: hold the request (and its body) back, then forward it.
+            self._pause_reading(_PAUSE_CONNECTING)
+            self._timer = self.loop.call_later(forward.delay, self._after_delay)
+            return
         self._start_attempt(forward.pool, reuse=True)
+
+    def _after_delay(self) -> None:
+        self._timer = None
+        if self.phase == Phase.ACTIVE and self.forward is not None and not self.replied:
+            self._start_attempt(self.forward.pool, reuse=True)
 
     def _start_attempt(self, pool: EndpointPool, reuse: bool) -> None:
         self.up_out = []  # anything meant for a previous attempt's connection is void
@@ -254,7 +269,6 @@ class DownstreamConnection(asyncio.Protocol):
             self._attach(conn, reused=True)
             return
         self._pause_reading(_PAUSE_CONNECTING)
-        self._pending_body = []
         task = self.loop.create_task(self._connect(pool), name=f"connect {pool.endpoint.key}")
         self._connect_task = task
         self.listener.tasks.add(task)
@@ -274,6 +288,16 @@ class DownstreamConnection(asyncio.Protocol):
             conn.close()  # the client left (or was answered) while we were connecting
             return
         self._attach(conn, reused=False)
+
+    def _send_mirrors(self, forward: Forward, body: bytes) -> None:
+        self._mirror_body = None
+        tasks = self.listener.tasks
+        for pool, head in forward.mirrors:
+            task = self.loop.create_task(
+                shadow(pool, head, body), name=f"mirror {pool.endpoint.key}"
+            )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
         forward = self.forward
@@ -308,6 +332,11 @@ class DownstreamConnection(asyncio.Protocol):
             record.bytes_received += len(data)
         if self.replied:
             return  # answered locally already: the rest of the body is read and dropped
+        mirror = self._mirror_body
+        if mirror is not None:
+            mirror.append(data)
+            if sum(map(len, mirror)) > MIRROR_BODY_MAX:
+                self._mirror_body = None  # too big to copy: the mirror is skipped
         upstream = self.upstream
         if upstream is not None:
             self.up_out.extend(upstream.codec.send_body(data))
@@ -319,6 +348,8 @@ class DownstreamConnection(asyncio.Protocol):
         if self.replied:
             self._finish()
             return
+        if self._mirror_body is not None and self.forward is not None:
+            self._send_mirrors(self.forward, b"".join(self._mirror_body))
         upstream = self.upstream
         if upstream is not None:
             self.up_out.append(upstream.codec.send_end())
@@ -478,7 +509,9 @@ class DownstreamConnection(asyncio.Protocol):
         record.response_code = error.status_hint
         close = error.close or self.listener.draining or not (self.request_done or self.bodyless)
         body = error.body
-        extra = ((b"x-envoy-overloaded", b"true"),) if error.flag == "UO" else ()
+        extra = error.headers
+        if error.flag == "UO":
+            extra = (*extra, (b"x-envoy-overloaded", b"true"))
         head = ResponseHead(
             status=error.status_hint,
             headers=self.listener.local_reply_headers(body, close, extra),

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from meshproxy.core.http1 import RequestHead, ResponseHead
+from meshproxy.core.http1 import Header, RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
+from meshproxy.core.routetable import NO_OPS, HeaderOps
 from meshproxy.io.pool import EndpointPool
 
 
@@ -28,6 +29,10 @@ class Forward:
     websocket: bool
     expect_continue: bool
     replayable: bool  # no request body: safe to resend on a fresh connection
+    delay: float | None = None  # fault injection: wait this long before forwarding
+    response_ops: HeaderOps = NO_OPS  # the route's response header operations
+    response_headers: tuple[Header, ...] = ()  # added to the response (CORS, set-cookie)
+    mirrors: tuple[tuple[EndpointPool, RequestHead], ...] = ()  # shadow copies to send
 
 
 class Handler(Protocol):

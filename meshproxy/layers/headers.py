@@ -48,6 +48,24 @@ class RequestPlan:
     has_body: bool
 
 
+def _uint64(value: bytes) -> int | None:
+    """Envoy parses the timeout headers as uint64 and ignores anything else."""
+    if 0 < len(value) <= 20 and value.isdigit():
+        number = int(value)
+        if number < 1 << 64:
+            return number
+    return None
+
+
+# Timers beyond ~24 days overflow event-loop timer arithmetic; no request waits that long anyway.
+_MAX_TIMEOUT_MS = 1 << 31
+
+
+def timeout_seconds(ms: int | None) -> float | None:
+    """A request's timeout in seconds from ``x-envoy-upstream-rq-timeout-ms`` (0: none)."""
+    return min(ms, _MAX_TIMEOUT_MS) / 1000.0 if ms else None
+
+
 def _named_in_connection(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
@@ -70,9 +88,14 @@ def plan_request(
     if not target.startswith(b"/"):
         if target.startswith((b"http://", b"https://")):
             rest = target.split(b"://", 1)[1]
-            slash = rest.find(b"/")
-            absolute_authority = rest if slash < 0 else rest[:slash]
-            target = b"/" if slash < 0 else rest[slash:]
+            # The authority ends at the path or, with no path, at the query (RFC 9112 §3.2.2).
+            end = len(rest)
+            for sep in (b"/", b"?"):
+                at = rest.find(sep)
+                if 0 <= at < end:
+                    end = at
+            absolute_authority = rest[:end]
+            target = rest[end:] if rest[end:].startswith(b"/") else b"/" + rest[end:]
             if not absolute_authority:
                 raise BadRequest("absolute-form target without authority")
         elif target != b"*" or head.method != b"OPTIONS":
@@ -114,8 +137,7 @@ def plan_request(
                 if not expect_continue:
                     append(header)
             else:
-                value = header[1]
-                timeout_ms = int(value) if value.isdigit() else None
+                timeout_ms = _uint64(header[1])
             continue
         if name == b"host":
             host = header[1]

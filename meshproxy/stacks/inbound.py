@@ -16,7 +16,7 @@ from meshproxy.core.record import Direction, RequestRecord
 from meshproxy.core.routing import Cluster
 from meshproxy.io.handler import Forward
 from meshproxy.io.pool import EndpointPool, PoolManager
-from meshproxy.layers.headers import plan_request, response_head
+from meshproxy.layers.headers import plan_request, response_head, timeout_seconds
 from meshproxy.telemetry.access_log import AccessLog
 
 
@@ -45,7 +45,7 @@ class InboundStack:
         # 2. Route: inbound traffic has one destination, the local app.
         record.cluster = self._cluster.name
         # 3. Deadline: none by default (Istio); Envoy's request header may set one.
-        timeout = plan.timeout_ms / 1000.0 if plan.timeout_ms else None
+        timeout = timeout_seconds(plan.timeout_ms)
         return Forward(
             head=plan.head,
             pool=self._pool,

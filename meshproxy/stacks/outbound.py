@@ -13,29 +13,32 @@ import random
 
 from meshproxy.core.http1 import RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
+from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import ClusterKind, HostTable, Target
 from meshproxy.io.handler import Forward
 from meshproxy.io.pool import EndpointPool, PoolManager
-from meshproxy.layers.balance import balance_layer
-from meshproxy.layers.headers import plan_request, response_head
-from meshproxy.layers.route import route_layer
+from meshproxy.layers.balance import NO_KEY, EndpointPicker, HashKey, balance_layer
+from meshproxy.layers.headers import plan_request, response_head, timeout_seconds
+from meshproxy.layers.route import Router
 from meshproxy.telemetry.access_log import AccessLog
 
 
 class OutboundStack:
-    __slots__ = ("_access_log", "_balance", "_pools", "_rng", "_route")
+    __slots__ = ("_access_log", "_balance", "_pools", "_rng", "router")
 
     def __init__(
         self,
-        table: HostTable,
+        hosts: HostTable,
+        routes: RouteTable,
         pools: PoolManager,
         rng: random.Random,
         access_log: AccessLog | None = None,
     ) -> None:
         self._pools = pools
         self._rng = rng
-        self._route = route_layer(table)
-        self._balance = balance_layer(rng)
+        self.router = Router(hosts, routes, rng)
+        self._balance: EndpointPicker = balance_layer(rng)
+        self._balance.prepare(list(hosts.clusters.values()))
         self._access_log = access_log
 
     @property
@@ -46,28 +49,52 @@ class OutboundStack:
         # 1. Headers first: the absolute-form target, hop-by-hop removal and the request id give
         #    the authority that routing reads and the head that goes upstream.
         plan = plan_request(head, record, self._rng)
-        # 2. Route: authority -> cluster, or a local 404/502 before any upstream work.
-        target = self._route(plan.authority)
+        # 2. Route: the VirtualService rule (or the host's own cluster) picks the destination and
+        #    rewrites the head; redirects, direct responses, CORS preflights and fault aborts end
+        #    the request here, before any upstream work.
+        decision = self.router.route(plan.head, plan.authority, record)
+        target = decision.target
         record.cluster = target.cluster.name
-        # 3. Balance: cluster -> endpoint (503 UH when it has none), after routing fixed the cluster.
-        pool = self._endpoint(target, -1)
-        # 4. Deadline: Istio sets no route timeout; Envoy's request header may set one.
-        timeout = plan.timeout_ms / 1000.0 if plan.timeout_ms else None
+        # 3. Balance: cluster -> endpoint under the DestinationRule's loadBalancer, after routing
+        #    fixed the cluster (503 UH when the cluster, or its subset, has no endpoint).
+        key = self._hash_key(target, decision.head, record)
+        pool = self._endpoint(target, key, -1)
+        response_headers = decision.response_headers
+        if key.set_cookie is not None:
+            response_headers = (*response_headers, key.set_cookie)
+        # 4. Deadline: the route's timeout (none by default, as Istio); Envoy's request header
+        #    x-envoy-upstream-rq-timeout-ms overrides it.
+        timeout = timeout_seconds(plan.timeout_ms) or decision.timeout
+        # 5. Mirrors: copies go to their own endpoints, chosen now, sent once the request is read.
+        mirrors = tuple(
+            (self._endpoint(Target(cluster=c, host=target.host, port=c.port), NO_KEY, -1), h)
+            for c, h in decision.mirrors
+            if c.endpoints
+        )
         return Forward(
-            head=plan.head,
+            head=decision.head,
             pool=pool,
             timeout=timeout,
             websocket=plan.websocket,
             expect_continue=plan.expect_continue,
             replayable=not plan.has_body,
+            delay=decision.delay,
+            response_ops=decision.response_ops,
+            response_headers=response_headers,
+            mirrors=mirrors,
         )
 
-    def _endpoint(self, target: Target, exclude: int) -> EndpointPool:
+    def _hash_key(self, target: Target, head: RequestHead, record: RequestRecord) -> HashKey:
+        if target.cluster.lb.hash is None:
+            return NO_KEY
+        source_ip = record.downstream_remote.rpartition(":")[0].strip("[]")
+        return self._balance.hash_key(target.cluster, head, source_ip)
+
+    def _endpoint(self, target: Target, key: HashKey, exclude: int) -> EndpointPool:
         cluster = target.cluster
         if cluster.kind is ClusterKind.ORIGINAL_DST:
             return self._pools.passthrough_pool(cluster, target.host, target.port)
-        pools = self._pools.pools(cluster)
-        return self._balance.pick(pools, exclude)
+        return self._balance.pick(cluster, self._pools.pools(cluster), key, exclude)
 
     def reselect(self, forward: Forward, record: RequestRecord) -> EndpointPool:
         # A stale pooled connection is the endpoint's keep-alive race, not its health: same pool.
@@ -77,7 +104,14 @@ class OutboundStack:
         self, head: ResponseHead, forward: Forward, record: RequestRecord, close: bool
     ) -> ResponseHead:
         service_ms = int((record.upstream_service_time or 0.0) * 1000)
-        return response_head(head, service_ms, close, forward.websocket)
+        out = response_head(head, service_ms, close, forward.websocket)
+        if forward.response_headers or not forward.response_ops.empty:
+            headers = list(out.headers)
+            if not forward.response_ops.empty:
+                headers = forward.response_ops.apply(headers)
+            headers.extend(forward.response_headers)
+            out = ResponseHead(status=out.status, headers=headers, reason=out.reason)
+        return out
 
     def on_complete(self, record: RequestRecord) -> None:
         if self._access_log is not None:

@@ -31,10 +31,11 @@ class RequestView:
     scheme: str
     port: int
     headers: Mapping[str, str]
+    path_only: str = ""  # the path without its query string; derived when not given
 
-    @property
-    def path_only(self) -> str:
-        return self.path.split("?", 1)[0]
+    def __post_init__(self) -> None:
+        if not self.path_only:
+            object.__setattr__(self, "path_only", self.path.split("?", 1)[0])
 
     def query(self) -> dict[str, str]:
         _, sep, query = self.path.partition("?")
@@ -61,9 +62,15 @@ class MatchBlock:
     conditions: tuple[Condition, ...]
     uri_prefix: str | None  # the prefix a prefix ``rewrite.uri`` replaces
     ignore_uri_case: bool
+    # For the rule index: the case-sensitive URI this block requires, if any.
+    uri_exact: str | None = None
+    uri_required_prefix: str | None = None
 
     def matches(self, req: RequestView) -> bool:
-        return all(cond.test(req) for cond in self.conditions)
+        for cond in self.conditions:  # noqa: SIM110 - hot path: a plain loop beats all(genexpr)
+            if not cond.test(req):
+                return False
+        return True
 
     def first_failure(self, req: RequestView) -> Condition | None:
         for cond in self.conditions:
@@ -167,4 +174,12 @@ def compile_block(m: HTTPMatchRequest) -> MatchBlock:
         port = m.port
         conds.append(Condition(f"port {port}", lambda r: r.port == port))
     prefix = m.uri.prefix if m.uri is not None else None
-    return MatchBlock(name=m.name, conditions=tuple(conds), uri_prefix=prefix, ignore_uri_case=ic)
+    indexable = m.uri is not None and not ic
+    return MatchBlock(
+        name=m.name,
+        conditions=tuple(conds),
+        uri_prefix=prefix,
+        ignore_uri_case=ic,
+        uri_exact=m.uri.exact if indexable and m.uri is not None else None,
+        uri_required_prefix=prefix if indexable else None,
+    )

@@ -191,18 +191,83 @@ class Route:
         return self.clusters[-1]  # unreachable: draw < total
 
 
+# Below this many rules a linear scan is cheaper than consulting the index.
+_INDEX_FROM = 8
+
+
+class RuleIndex:
+    """Which rules can possibly match a path, so a long ``http[]`` list is not scanned whole.
+
+    A rule whose every match block requires a case-sensitive exact URI or URI prefix can only
+    match paths equal to / starting with one of those; the others are always candidates. The
+    candidates are then tried in rule order, so the first-match-wins semantics are unchanged.
+    """
+
+    __slots__ = ("_always", "_exact", "_lengths", "_prefix")
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._always: list[int] = []
+        self._exact: dict[str, list[int]] = {}
+        self._prefix: dict[str, list[int]] = {}
+        for i, route in enumerate(routes):
+            keys: list[tuple[str, str]] = []
+            for block in route.blocks:
+                if block.uri_exact is not None:
+                    keys.append(("e", block.uri_exact))
+                elif block.uri_required_prefix is not None:
+                    keys.append(("p", block.uri_required_prefix))
+                else:
+                    keys = []
+                    break
+            if not keys:
+                self._always.append(i)
+                continue
+            for kind, key in dict.fromkeys(keys):
+                table = self._exact if kind == "e" else self._prefix
+                table.setdefault(key, []).append(i)
+        self._lengths = sorted({len(p) for p in self._prefix})
+
+    def candidates(self, path: str) -> list[int]:
+        found = list(self._always)
+        exact = self._exact.get(path)
+        if exact is not None:
+            found.extend(exact)
+        prefix = self._prefix
+        size = len(path)
+        for n in self._lengths:
+            if n > size:
+                break
+            hit = prefix.get(path[:n])
+            if hit is not None:
+                found.extend(hit)
+        found.sort()
+        return found
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompiledVirtualService:
     name: str
     namespace: str
     hosts: tuple[str, ...]
     routes: tuple[Route, ...]
+    index: RuleIndex | None = None
 
     def route(self, req: RequestView) -> tuple[Route, MatchBlock | None] | None:
-        for route in self.routes:
-            block = route.match(req)
+        routes = self.routes
+        if self.index is None:
+            for route in routes:
+                block = route.match(req)
+                if block is not False:
+                    return route, block  # type: ignore[return-value]
+            return None
+        last = -1
+        for i in self.index.candidates(req.path_only):
+            if i == last:
+                continue  # a rule listed under two of its blocks' keys
+            last = i
+            block = routes[i].match(req)
             if block is not False:
-                return route, block  # type: ignore[return-value]
+                return routes[i], block  # type: ignore[return-value]
         return None
 
 
@@ -336,6 +401,7 @@ def compile_virtual_service(
         namespace=ns,
         hosts=tuple(fqdn(h, ns) for h in vs.spec.hosts),
         routes=tuple(routes),
+        index=RuleIndex(routes) if len(routes) >= _INDEX_FROM else None,
     )
 
 

@@ -155,6 +155,9 @@ class DownstreamConnection(asyncio.Protocol):
             self._leave_pool()
             self.record.add_flag("DC")
             self._complete()
+        elif was == Phase.TUNNEL:
+            self._leave_pool()
+            self._complete()
 
     def eof_received(self) -> bool | None:
         if self.phase == Phase.TUNNEL:
@@ -162,8 +165,9 @@ class DownstreamConnection(asyncio.Protocol):
             if up is not None and up.transport is not None and up.transport.can_write_eof():
                 up.transport.write_eof()
             return True
-        # Half-closed after sending its request: still deliver the response, then close.
-        return self.phase == Phase.ACTIVE
+        # Envoy treats a client's FIN on HTTP/1.1 as a disconnect: returning False closes the
+        # transport, and connection_lost cancels the upstream request (flag DC).
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -479,6 +483,7 @@ class DownstreamConnection(asyncio.Protocol):
     def on_tunnel_closed(self) -> None:
         self.upstream = None
         if self.phase == Phase.TUNNEL:
+            self._leave_pool()
             self._complete()
             self.close()
 

@@ -314,7 +314,16 @@ class DownstreamConnection(asyncio.Protocol):
         record.upstream_host = self.pool.endpoint.key
         self._reused = reused
         codec = conn.codec
-        chunks = [codec.send_head(forward.head)]
+        try:
+            chunks = [codec.send_head(forward.head)]
+        except ProxyError as exc:  # a head h11 refuses to frame (e.g. a header rewrite made it so)
+            self.upstream = None
+            conn.sink = None
+            conn.close()
+            self._leave_pool()
+            self._resume_reading(_PAUSE_CONNECTING)
+            self._local_reply(exc)
+            return
         pending = self._pending_body
         if pending:
             for data in pending:

@@ -311,6 +311,24 @@ def _camel(name: str) -> str:
     return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
+# RE2 (Envoy's regex engine) has no backreferences, lookaround or conditionals; Envoy rejects
+# such patterns when the config loads, and so do we, never at request time.
+_NOT_RE2 = re.compile(r"\\[1-9]|\(\?[=!<]|\(\?P=|\\g<|\(\?\(")
+
+
+def re2_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not an RE2 regex meshproxy can honour, or None."""
+    if pattern == "*":
+        return None  # Istio accepts "*" as a presence test
+    if _NOT_RE2.search(pattern):
+        return "uses a feature RE2 does not support (backreference, lookaround or conditional)"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return None
+
+
 def _check_match(chk: _Checker, vs: VirtualService, path: str, m: StringMatch | None) -> None:
     if m is None:
         return
@@ -318,10 +336,9 @@ def _check_match(chk: _Checker, vs: VirtualService, path: str, m: StringMatch | 
     if set_count > 1:
         chk.error(vs, path, "set only one of exact, prefix and regex")
     if m.regex is not None:
-        try:
-            re.compile(m.regex)
-        except re.error as exc:
-            chk.error(vs, f"{path}.regex", f"invalid regex {m.regex!r}: {exc}")
+        problem = re2_problem(m.regex)
+        if problem is not None:
+            chk.error(vs, f"{path}.regex", f"invalid regex {m.regex!r}: {problem}")
 
 
 def _check_destination(
@@ -426,6 +443,14 @@ def _check_route(
         )
     if route.mirror_percentage is not None and not 0 <= route.mirror_percentage.value <= 100:
         chk.error(vs, f"{path}.mirrorPercentage.value", "must be 0..100")
+    if route.rewrite is not None and route.rewrite.uri_regex_rewrite is not None:
+        problem = re2_problem(route.rewrite.uri_regex_rewrite.match)
+        if problem is not None:
+            chk.error(vs, f"{path}.rewrite.uriRegexRewrite.match", f"invalid regex: {problem}")
+    if route.rewrite is not None and route.rewrite.uri and route.rewrite.uri_regex_rewrite:
+        chk.error(vs, f"{path}.rewrite", "uri and uriRegexRewrite are exclusive")
+    if route.redirect is not None and route.redirect.uri and route.redirect.prefix_rewrite:
+        chk.error(vs, f"{path}.redirect", "uri and prefixRewrite are exclusive")
     if route.cors_policy is not None:
         for j, origin in enumerate(route.cors_policy.allow_origins):
             _check_match(chk, vs, f"{path}.corsPolicy.allowOrigins[{j}]", origin)

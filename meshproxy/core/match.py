@@ -79,21 +79,6 @@ class MatchBlock:
         return None
 
 
-# RE2 has no backreferences or lookaround; Envoy rejects such a regex at config time, so do we.
-_NOT_RE2 = re.compile(r"\\[1-9]|\(\?[=!<]|\(\?P=|\\g<|\(\?[aiLmsux]*-?[aiLmsux]*\)|\(\?\(")
-
-
-def re2_problem(pattern: str) -> str | None:
-    """Why ``pattern`` is not an RE2 regex meshproxy can honour, or None."""
-    if _NOT_RE2.search(pattern):
-        return "uses a feature RE2 does not support (backreference, lookaround or conditional)"
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return str(exc)
-    return None
-
-
 def string_test(sm: StringMatch, ignore_case: bool = False) -> tuple[str, Callable[[str], bool]]:
     """A compiled test for one StringMatch; an empty StringMatch matches anything present."""
     if sm.exact is not None:

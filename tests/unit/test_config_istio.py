@@ -879,3 +879,37 @@ def test_every_semantic_error_across_files_is_reported_in_order() -> None:
 )
 def test_fqdn(host: str, namespace: str, expected: str) -> None:
     assert fqdn(host, namespace) == expected
+
+
+def test_lookaround_regex_is_rejected_with_its_location() -> None:
+    text = with_base(
+        vs_with(
+            """
+            - match:
+              - headers:
+                  end-user:
+                    regex: "(?!jason).*"
+              route:
+              - destination: {host: reviews}
+            """
+        )
+    )
+    issue = only_issue(("m.yaml", text))
+    assert located(issue) == (
+        "m.yaml",
+        line_of(text, "regex:"),
+        "VirtualService reviews",
+        'spec.http[0].match[0].headers["end-user"].regex',
+    )
+    assert "RE2 does not support" in issue.message
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(a)\1", r"(?=a)b", r"(?!a)b", r"(?<=a)b", r"(?<!a)b", r"(?P<n>a)(?P=n)"],
+)
+def test_regex_features_re2_lacks_are_rejected_at_validation(pattern: str) -> None:
+    from meshproxy.config.istio import re2_problem
+
+    assert re2_problem(pattern) is not None
+    assert re2_problem(r"^/api/v[0-9]+/(\w+)$") is None

@@ -24,9 +24,10 @@ from typing import TextIO
 
 from meshproxy import __version__
 from meshproxy.config.model import MeshConfig
+from meshproxy.core.explain import explain_request, to_json
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable, inbound_cluster
-from meshproxy.io.admin import AdminResponse, AdminRoute, AdminServer
+from meshproxy.io.admin import AdminRequest, AdminResponse, AdminRoute, AdminServer, WithRequest
 from meshproxy.io.listener import Listener, Sweeper
 from meshproxy.io.pool import PoolManager
 from meshproxy.stacks.inbound import InboundStack
@@ -85,6 +86,9 @@ class App:
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
         self.pools: PoolManager | None = None
+        # The live routing tables, for the admin /route explainer.
+        self.hosts: HostTable | None = None
+        self.routes: RouteTable | None = None
         self._access_log_out = access_log
         self._rng = random.Random(seed)
         self._stopped = asyncio.Event()
@@ -97,7 +101,8 @@ class App:
         spec = self.config.bootstrap.spec
         loop = asyncio.get_running_loop()
         access_log = AccessLog(self._access_log_out, loop.time()) if self._access_log_out else None
-        table = HostTable(self.config)
+        self.hosts = table = HostTable(self.config)
+        self.routes = routes = RouteTable(self.config, table)
         app_cluster = (
             inbound_cluster(spec.inbound.address.port, spec.inbound.app.host, spec.inbound.app.port)
             if spec.inbound is not None
@@ -110,7 +115,6 @@ class App:
         timeouts = spec.timeouts
         try:
             if spec.outbound is not None:
-                routes = RouteTable(self.config, table)
                 stack = OutboundStack(table, routes, pools, self._rng, access_log)
                 await self._listen("outbound", spec.outbound.address, stack)
             if spec.inbound is not None and app_cluster is not None:
@@ -213,6 +217,7 @@ class App:
             ("GET", "/clusters"): self._clusters,
             ("GET", "/listeners"): self._listeners,
             ("GET", "/server_info"): self._server_info,
+            ("GET", "/route"): WithRequest(self._route),
             ("POST", "/quitquitquit"): self._quit,
             ("POST", "/drain_listeners"): self._drain_listeners,
         }
@@ -256,6 +261,35 @@ class App:
                 },
             }
         )
+
+    def _route(self, request: AdminRequest) -> AdminResponse:
+        """``GET /route?url=...&method=...&header=name:value``: the route explainer, live config."""
+        url = request.param("url")
+        if not url:
+            return AdminResponse(
+                status=400, body=b"usage: /route?url=URL[&method=M][&header=n:v]\n"
+            )
+        headers: dict[str, str] = {}
+        for item in request.params("header"):
+            name, sep, value = item.partition(":")
+            name = name.strip().lower()
+            if not sep or not name:
+                return AdminResponse(status=400, body=b"header must be name:value\n")
+            value = value.strip()
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        if self.hosts is None or self.routes is None:
+            return AdminResponse(status=503, body=b"not started\n")
+        try:
+            expl = explain_request(
+                self.hosts,
+                self.routes,
+                method=request.param("method") or "GET",
+                url=url,
+                headers=headers,
+            )
+        except ValueError as exc:
+            return AdminResponse(status=400, body=f"{exc}\n".encode())
+        return _json(to_json(expl))
 
     def _quit(self) -> AdminResponse:
         # Exit now, for Jobs (Envoy /quitquitquit, istio-agent :15020/quitquitquit).

@@ -1,8 +1,10 @@
-"""The command line: ``meshproxy run``, ``validate`` and ``demo``.
+"""The command line: ``meshproxy run``, ``validate``, ``route`` and ``demo``.
 
 Owns argument parsing, logging set-up (the only place handlers are configured) and the process
 exit codes: 0 on a clean exit or drain, 1 on invalid configuration, 2 on usage errors, 3 when a
-listener cannot bind.
+listener cannot bind. ``validate`` prints the configuration's warnings (``core/explain.py``
+``lint``) on stderr after its summary and still exits 0; ``route`` explains where a request would
+go without sending it.
 
 Rules: thin; everything it does is a call into ``app`` or ``config``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -19,6 +22,10 @@ from typing import TextIO
 from meshproxy import __version__
 from meshproxy.app import App
 from meshproxy.config.load import load_paths
+from meshproxy.config.model import MeshConfig
+from meshproxy.core.explain import explain_request, lint, to_json, to_text
+from meshproxy.core.routetable import RouteTable
+from meshproxy.core.routing import HostTable
 from meshproxy.errors import ConfigError
 from meshproxy.io.loop import loop_factory
 
@@ -51,6 +58,34 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a configuration and exit")
     validate.add_argument("-c", "--config", action="append", required=True, metavar="PATH")
 
+    route = sub.add_parser(
+        "route",
+        help="explain where a request would go, without sending it",
+        description="Explain which VirtualService rule, destinations and endpoints a request "
+        "would get, and why each earlier rule did not match. Nothing is sent.",
+    )
+    route.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a YAML file or a directory of them; repeat for more",
+    )
+    route.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header; repeat for more (a host header overrides the URL's authority)",
+    )
+    route.add_argument(
+        "-X", "--request", dest="method", default="GET", metavar="METHOD", help="default GET"
+    )
+    route.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    route.add_argument("url", metavar="URL", help="e.g. http://reviews:9080/reviews/1?x=1")
+
     demo = sub.add_parser("demo", help="run meshproxy on the bundled example and show it work")
     demo.add_argument("--requests", type=int, default=3, help="how many requests to send")
     demo.add_argument(
@@ -68,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "validate":
         return _validate(args.config)
+    if args.command == "route":
+        headers = _headers(args.header)
+        if headers is None:
+            print(f"meshproxy route: bad header in {args.header!r}", file=sys.stderr)
+            print("expected -H 'name: value'", file=sys.stderr)
+            return 2
+        return _route(args.config, args.method, args.url, headers, as_json=args.json)
     if args.command == "run":
         return _run(args.config, args.access_log)
     if args.command == "demo":
@@ -77,20 +119,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _validate(paths: list[str]) -> int:
+def _load(paths: list[str]) -> tuple[MeshConfig, HostTable, RouteTable] | None:
+    """The configuration and the tables built from it, or None after printing its errors."""
     try:
         config = load_paths(paths)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} error(s)", file=sys.stderr)
+        return None
+    try:
+        hosts = HostTable(config)
+        routes = RouteTable(config, hosts)
+    except ValueError as exc:  # validation should have caught it; say so rather than crash
+        print(f"error: {exc}", file=sys.stderr)
+        print("1 error(s)", file=sys.stderr)
+        return None
+    return config, hosts, routes
+
+
+def _headers(values: list[str]) -> dict[str, str] | None:
+    """``-H 'name: value'`` options as one map; repeated names are comma-joined (RFC 9110 §5.3)."""
+    out: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        name = name.strip().lower()
+        if not sep or not name or any(c in name for c in " \t"):
+            return None
+        value = value.strip()
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
+def _route(
+    paths: list[str], method: str, url: str, headers: dict[str, str], *, as_json: bool
+) -> int:
+    loaded = _load(paths)
+    if loaded is None:
         return 1
+    _, hosts, routes = loaded
+    try:
+        expl = explain_request(hosts, routes, method=method, url=url, headers=headers)
+    except ValueError as exc:
+        print(f"meshproxy route: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(to_json(expl), indent=2))
+    else:
+        print(to_text(expl), end="")
+    return 0
+
+
+def _validate(paths: list[str]) -> int:
+    loaded = _load(paths)
+    if loaded is None:
+        return 1
+    config, hosts, routes = loaded
     print(
         f"ok: {len(config.sources)} file(s), {len(config.service_entries)} ServiceEntry, "
         f"{len(config.virtual_services)} VirtualService, "
         f"{len(config.destination_rules)} DestinationRule, bootstrap "
-        f"{config.bootstrap.metadata.name}.{config.bootstrap.metadata.namespace}"
+        f"{config.bootstrap.metadata.name}.{config.bootstrap.metadata.namespace}",
+        flush=True,
     )
+    # Warnings go to stderr so the summary stays one line for scripts; they never fail validate.
+    warnings = lint(config, hosts, routes)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if warnings:
+        print(f"{len(warnings)} warning(s)", file=sys.stderr)
     return 0
 
 
@@ -115,10 +212,7 @@ def _run(paths: list[str], access_log: str | None) -> int:
             out.close()
 
 
-async def _serve(config: object, access_log: TextIO | None) -> int:
-    from meshproxy.config.model import MeshConfig
-
-    assert isinstance(config, MeshConfig)
+async def _serve(config: MeshConfig, access_log: TextIO | None) -> int:
     app = App(config, access_log=access_log)
     try:
         await app.start()

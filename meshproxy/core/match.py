@@ -65,6 +65,7 @@ class MatchBlock:
     # For the rule index: the case-sensitive URI this block requires, if any.
     uri_exact: str | None = None
     uri_required_prefix: str | None = None
+    index: int = 0  # its position in the rule's ``match[]`` (blocks for other proxies are dropped)
 
     def matches(self, req: RequestView) -> bool:
         for cond in self.conditions:  # noqa: SIM110 - hot path: a plain loop beats all(genexpr)
@@ -134,7 +135,8 @@ def _query(name: str, sm: StringMatch) -> Condition:
     return Condition(f"query {name} {text}", check)
 
 
-def compile_block(m: HTTPMatchRequest) -> MatchBlock:
+def compile_block(m: HTTPMatchRequest, index: int = 0) -> MatchBlock:
+    """Compile ``match[index]`` of a rule (the index is kept for explanations)."""
     conds: list[Condition] = []
     ic = m.ignore_uri_case
     if m.uri is not None:
@@ -161,6 +163,7 @@ def compile_block(m: HTTPMatchRequest) -> MatchBlock:
     prefix = m.uri.prefix if m.uri is not None else None
     indexable = m.uri is not None and not ic
     return MatchBlock(
+        index=index,
         name=m.name,
         conditions=tuple(conds),
         uri_prefix=prefix,

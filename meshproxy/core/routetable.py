@@ -286,9 +286,9 @@ def explain(vs: CompiledVirtualService, req: RequestView) -> list[RuleVerdict]:
             out.append(RuleVerdict(route=route, matched=True, reason="no match conditions"))
             return out
         reasons = []
-        for i, block in enumerate(route.blocks):
+        for block in route.blocks:
             failed = block.first_failure(req)
-            label = f"match[{i}]" + (f" ({block.name})" if block.name else "")
+            label = f"match[{block.index}]" + (f" ({block.name})" if block.name else "")
             if failed is None:
                 text = ", ".join(c.description for c in block.conditions) or "empty"
                 out.append(RuleVerdict(route=route, matched=True, reason=f"{label}: {text}"))
@@ -387,8 +387,8 @@ def compile_virtual_service(
     routes = []
     for index, rule in enumerate(vs.spec.http):
         blocks = tuple(
-            compile_block(m)
-            for m in rule.match
+            compile_block(m, k)
+            for k, m in enumerate(rule.match)
             if _block_applies(
                 m.gateways, m.source_labels, m.source_namespace, workload_labels, namespace
             )
@@ -550,3 +550,78 @@ def _compile_cors(policy: CorsPolicy) -> Cors:
         allow_credentials=bool(policy.allow_credentials),
         forward_unmatched=policy.unmatched_preflights is not UnmatchedPreflights.IGNORE,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a rule does to a request: pure functions shared by the route step and the explainer.
+
+
+def rewrite_target(route: Route, block: MatchBlock | None, target: str) -> str:
+    """The upstream request target after the rule's ``rewrite`` (query string kept).
+
+    ``rewrite.uri`` replaces the matched prefix when the matching block had a prefix URI match
+    (Istio's ``prefix_rewrite``; a rule without match blocks matched the prefix ``/``), and the
+    whole path otherwise; ``uriRegexRewrite`` substitutes every match of its pattern in the path.
+    """
+    rewrite = route.rewrite
+    if rewrite is None:
+        return target
+    path, sep, query = target.partition("?")
+    new_path = path
+    if rewrite.uri is not None:
+        prefix = block.uri_prefix if block is not None else "/"
+        if prefix is not None and (
+            path.startswith(prefix)
+            or (
+                block is not None
+                and block.ignore_uri_case
+                and path.lower().startswith(prefix.lower())
+            )
+        ):
+            new_path = rewrite.uri + path[len(prefix) :]
+        else:
+            new_path = rewrite.uri
+    elif rewrite.regex is not None:
+        new_path = rewrite.regex.sub(rewrite.regex_substitution, path)
+    return new_path + sep + query
+
+
+def shadow_authority(authority: str) -> str:
+    """Envoy's shadow Host: ``-shadow`` appended to the host part (reference §1.7)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[: end + 1] + "-shadow" + authority[end + 1 :]
+    host, sep, port = authority.rpartition(":")
+    if sep and port.isdigit():
+        return f"{host}-shadow:{port}"
+    return authority + "-shadow"
+
+
+def redirect_location(redirect: HTTPRedirect, block: MatchBlock | None, view: RequestView) -> str:
+    """Envoy's redirect ``Location``: an absolute URL, unchanged parts taken from the request."""
+    path, sep, query = view.path.partition("?")
+    if redirect.uri:
+        new_path = redirect.uri
+        if "?" in new_path:
+            sep, query = "", ""
+    elif redirect.prefix_rewrite is not None:
+        prefix = (block.uri_prefix if block is not None else None) or "/"
+        new_path = (
+            redirect.prefix_rewrite + path[len(prefix) :] if path.startswith(prefix) else path
+        )
+    else:
+        new_path = path
+    scheme = redirect.scheme or view.scheme
+    host, port = split_authority(view.authority, None)
+    if redirect.authority:
+        host, over = split_authority(redirect.authority, None)
+        port = over or port
+    if redirect.port is not None:
+        port = redirect.port
+    elif redirect.derive_port == "FROM_PROTOCOL_DEFAULT":
+        port = 443 if scheme == "https" else 80
+    elif redirect.derive_port == "FROM_REQUEST_PORT":
+        port = view.port
+    default_port = 443 if scheme == "https" else 80
+    netloc = host if port is None or port == default_port else f"{host}:{port}"
+    return f"{scheme}://{netloc}{new_path}{sep}{query}"

@@ -22,7 +22,6 @@ from meshproxy.config.model import (
     ConsistentHashLB,
     DestinationRule,
     MeshConfig,
-    PortTrafficPolicy,
     Resolution,
     ServiceEntry,
     ServicePort,
@@ -154,46 +153,48 @@ def cluster_name(port: int, service: str, subset: str = "") -> str:
     return f"outbound|{port}|{subset}|{service}"
 
 
-def _apply(
-    base: TrafficPolicy | None, over: TrafficPolicy | PortTrafficPolicy | None
-) -> TrafficPolicy | None:
-    """Istio's traffic policy merge: each set block of ``over`` replaces the same block of ``base``."""
-    if over is None:
-        return base
+def _override(base: TrafficPolicy | None, over: TrafficPolicy) -> TrafficPolicy:
+    """Subset over rule: each block the subset sets replaces the rule's (Istio MergeTrafficPolicy)."""
     if base is None:
-        base = TrafficPolicy()
+        return over
     return TrafficPolicy(
         load_balancer=over.load_balancer or base.load_balancer,
         connection_pool=over.connection_pool or base.connection_pool,
         outlier_detection=over.outlier_detection or base.outlier_detection,
         tls=over.tls or base.tls,
-        port_level_settings=base.port_level_settings,
+        port_level_settings=over.port_level_settings,
     )
 
 
-def _port_level(tp: TrafficPolicy | None, port: int) -> PortTrafficPolicy | None:
+def _for_port(tp: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
+    """A matching ``portLevelSettings`` entry replaces the policy whole: destination_rule.proto,
+    "settings specified at the destination-level will not be inherited when overridden by
+    port-level settings, i.e. default values will be applied to fields omitted"."""
     if tp is None:
         return None
     for pl in tp.port_level_settings:
         if pl.port is not None and pl.port.number == port:
-            return pl
-    return None
+            return TrafficPolicy(
+                load_balancer=pl.load_balancer,
+                connection_pool=pl.connection_pool,
+                outlier_detection=pl.outlier_detection,
+                tls=pl.tls,
+            )
+    return tp
 
 
 def effective_policy(
     rule: DestinationRule | None, port: int, subset: str = ""
 ) -> TrafficPolicy | None:
-    """DR policy for a port and subset: top level, then its port level, then the subset's, then
-    the subset's port level (Istio ``MergeTrafficPolicy``)."""
+    """The DR policy for a port and subset, as Istio's cluster builder computes it: the rule's
+    policy for the port, then the subset's blocks over it, then the subset's port level."""
     if rule is None:
         return None
-    top = rule.spec.traffic_policy
-    policy = _apply(top, _port_level(top, port))
+    policy = _for_port(rule.spec.traffic_policy, port)
     if subset:
         for s in rule.spec.subsets:
-            if s.name == subset:
-                policy = _apply(policy, s.traffic_policy)
-                policy = _apply(policy, _port_level(s.traffic_policy, port))
+            if s.name == subset and s.traffic_policy is not None:
+                policy = _for_port(_override(policy, s.traffic_policy), port)
     return policy
 
 

@@ -2,7 +2,8 @@
 
 Owns the admin listener and its request loop (h11 over asyncio streams: not a hot path). The
 endpoints themselves are callables supplied by the composition root (``app.py``), keyed by method
-and path, so this module knows nothing of config or pools.
+and path, so this module knows nothing of config or pools. Most take no argument; one wrapped in
+``WithRequest`` is given the parsed request (its query string), e.g. ``GET /route?url=...``.
 
 Rules: bounded request size; one request per connection is enough; never serves a private key.
 """
@@ -13,6 +14,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from urllib.parse import parse_qs
 
 import h11
 
@@ -30,7 +33,32 @@ class AdminResponse:
     content_type: bytes = b"text/plain"
 
 
-AdminRoute = Callable[[], AdminResponse]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminRequest:
+    """What a ``WithRequest`` route reads: the method, the path and the decoded query string."""
+
+    method: str
+    path: str
+    query: Mapping[str, tuple[str, ...]]
+
+    def param(self, name: str) -> str | None:
+        """The first value of a query parameter, or None."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def params(self, name: str) -> tuple[str, ...]:
+        """Every value of a repeated query parameter, in order."""
+        return self.query.get(name, ())
+
+
+@dataclass(frozen=True, slots=True)
+class WithRequest:
+    """An admin route that reads the request; plain routes are called with no argument."""
+
+    handler: Callable[[AdminRequest], AdminResponse]
+
+
+AdminRoute = Callable[[], AdminResponse] | WithRequest
 
 
 class AdminServer:
@@ -52,8 +80,16 @@ class AdminServer:
             await self.server.wait_closed()
 
     def _dispatch(self, method: str, target: str) -> AdminResponse:
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         route = self.routes.get((method, path))
+        if isinstance(route, WithRequest):
+            parsed = parse_qs(query, keep_blank_values=True)
+            request = AdminRequest(
+                method=method,
+                path=path,
+                query=MappingProxyType({k: tuple(v) for k, v in parsed.items()}),
+            )
+            return route.handler(request)
         if route is not None:
             return route()
         if any(p == path for _, p in self.routes):

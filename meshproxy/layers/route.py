@@ -27,6 +27,9 @@ from meshproxy.core.routetable import (
     Route,
     RouteTable,
     WeightedCluster,
+    redirect_location,
+    rewrite_target,
+    shadow_authority,
 )
 from meshproxy.core.routing import (
     Cluster,
@@ -83,17 +86,6 @@ def _headers_map(head: RequestHead) -> dict[str, str]:
         text = value.decode("latin-1")
         out[key] = out[key] + "," + text if key in out else text
     return out
-
-
-def _shadow_authority(authority: str) -> str:
-    """Envoy's shadow Host: ``-shadow`` appended to the host part (reference §1.7)."""
-    if authority.startswith("["):
-        end = authority.find("]")
-        return authority[: end + 1] + "-shadow" + authority[end + 1 :]
-    host, sep, port = authority.rpartition(":")
-    if sep and port.isdigit():
-        return f"{host}-shadow:{port}"
-    return authority + "-shadow"
 
 
 def _with_authority(headers: list[Header], authority: str) -> list[Header]:
@@ -156,10 +148,12 @@ class Router:
             if allowed:
                 response_headers = self._cors_actual(route, origin)
 
-        if route.kind is ActionKind.REDIRECT:
+        if route.kind is ActionKind.REDIRECT and route.redirect is not None:
             raise DirectReply(
-                route.redirect.redirect_code if route.redirect else 301,
-                headers=((b"location", self._location(route, block, view).encode("latin-1")),),
+                route.redirect.redirect_code,
+                headers=(
+                    (b"location", redirect_location(route.redirect, block, view).encode("latin-1")),
+                ),
             )
         if route.kind is ActionKind.DIRECT:
             raise DirectReply(route.direct_status, route.direct_body)
@@ -190,31 +184,12 @@ class Router:
         wc = route.pick(self._rng)
         target = Target(cluster=wc.cluster, host=host, port=wc.cluster.port)
         new_target = head.target
-        path_rewritten = False
-        rewrite = route.rewrite
         new_authority: str | None = None
-        if rewrite is not None:
-            path, sep, query = head.target.decode("latin-1").partition("?")
-            new_path = path
-            if rewrite.uri is not None:
-                prefix = block.uri_prefix if block is not None else "/"
-                if prefix is not None and (
-                    path.startswith(prefix)
-                    or (
-                        block is not None
-                        and block.ignore_uri_case
-                        and path.lower().startswith(prefix.lower())
-                    )
-                ):
-                    new_path = rewrite.uri + path[len(prefix) :]
-                else:
-                    new_path = rewrite.uri
-            elif rewrite.regex is not None:
-                new_path = rewrite.regex.sub(rewrite.regex_substitution, path)
-            if new_path != path:
-                path_rewritten = True
-                new_target = (new_path + sep + query).encode("latin-1")
-            new_authority = rewrite.authority
+        if route.rewrite is not None:
+            rewritten = rewrite_target(route, block, head.target.decode("latin-1"))
+            new_target = rewritten.encode("latin-1")
+            new_authority = route.rewrite.authority
+        path_rewritten = new_target != head.target
         if path_rewritten:
             headers.append((b"x-envoy-original-path", head.target))
         # Destination-level operations first, then the route's: the route-level `set` wins.
@@ -269,7 +244,7 @@ class Router:
         if not route.mirrors:
             return ()
         out = []
-        shadow = _shadow_authority(authority)
+        shadow = shadow_authority(authority)
         for mirror in route.mirrors:
             if mirror.percent < 100 and self._rng.random() * 100 >= mirror.percent:
                 continue
@@ -308,46 +283,18 @@ class Router:
             out.append((b"access-control-expose-headers", cors.expose_headers))
         return tuple(out)
 
-    @staticmethod
-    def _location(route: Route, block: object, view: RequestView) -> str:
-        """Envoy's redirect: an absolute URL; unchanged parts come from the request."""
-        redirect = route.redirect
-        assert redirect is not None
-        path, sep, query = view.path.partition("?")
-        if redirect.uri:
-            new_path = redirect.uri
-            if "?" in new_path:
-                sep, query = "", ""
-        elif redirect.prefix_rewrite is not None:
-            prefix = getattr(block, "uri_prefix", None) or "/"
-            new_path = (
-                redirect.prefix_rewrite + path[len(prefix) :] if path.startswith(prefix) else path
-            )
-        else:
-            new_path = path
-        scheme = redirect.scheme or view.scheme
-        host, port = split_authority(view.authority, None)
-        if redirect.authority:
-            host, _ = split_authority(redirect.authority, None)
-            port = split_authority(redirect.authority, None)[1] or port
-        if redirect.port is not None:
-            port = redirect.port
-        elif redirect.derive_port == "FROM_PROTOCOL_DEFAULT":
-            port = 443 if scheme == "https" else 80
-        elif redirect.derive_port == "FROM_REQUEST_PORT":
-            port = view.port
-        default_port = 443 if scheme == "https" else 80
-        netloc = host if port is None or port == default_port else f"{host}:{port}"
-        return f"{scheme}://{netloc}{new_path}{sep}{query}"
-
 
 def _merge(first: HeaderOps, second: HeaderOps) -> HeaderOps:
     if first.empty:
         return second
     if second.empty:
         return first
+    # Istio: route-level operations win over destination-level ones for the same header.
+    overridden = {name for name, _ in second.set}
     return HeaderOps(
-        set=first.set + second.set, add=first.add + second.add, remove=first.remove | second.remove
+        set=tuple(h for h in first.set if h[0] not in overridden) + second.set,
+        add=first.add + second.add,
+        remove=first.remove | second.remove,
     )
 
 

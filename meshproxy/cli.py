@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for demo, whose output is its table)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,10 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--json", action="store_true", help="print the explanation as JSON")
     route.add_argument("url", metavar="URL", help="e.g. http://reviews:9080/reviews/1?x=1")
 
-    demo = sub.add_parser("demo", help="run meshproxy on the bundled example and show it work")
-    demo.add_argument("--requests", type=int, default=3, help="how many requests to send")
+    demo = sub.add_parser("demo", help="run a local bookinfo mesh and show the canary routing")
     demo.add_argument(
-        "--serve", action="store_true", help="keep serving after the demo requests (Ctrl-C to stop)"
+        "--requests",
+        type=int,
+        default=3,
+        help="requests to send as each user (anonymous and test-user)",
+    )
+    demo.add_argument(
+        "--ports",
+        choices=["fixed", "auto"],
+        default="fixed",
+        help="fixed: the ports in the bundled YAML (free ones if taken); auto: always free ports",
+    )
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the mesh running after the requests, with access logs (Ctrl-C stops)",
     )
     return parser
 
@@ -97,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(
+            logging, (args.log_level or ("warning" if args.command == "demo" else "info")).upper()
+        ),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -115,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from meshproxy.examples.demo import run_demo
 
-        return run_demo(requests=args.requests, serve=args.serve)
+        return run_demo(requests=args.requests, serve=args.serve, ports=args.ports)
     return 2
 
 

@@ -614,8 +614,10 @@ def redirect_location(redirect: HTTPRedirect, block: MatchBlock | None, view: Re
     scheme = redirect.scheme or view.scheme
     host, port = split_authority(view.authority, None)
     if redirect.authority:
-        host, over = split_authority(redirect.authority, None)
-        port = over or port
+        # Envoy host_redirect replaces the whole authority, its port included.
+        host, port = split_authority(redirect.authority, None)
+    elif scheme != view.scheme and port == (443 if view.scheme == "https" else 80):
+        port = None  # the old scheme's default port does not carry over (processRequestHost)
     if redirect.port is not None:
         port = redirect.port
     elif redirect.derive_port == "FROM_PROTOCOL_DEFAULT":

@@ -260,8 +260,13 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _after_delay(self) -> None:
         self._timer = None
-        if self.phase == Phase.ACTIVE and self.forward is not None and not self.replied:
-            self._start_attempt(self.forward.pool, reuse=True)
+        forward = self.forward
+        if self.phase == Phase.ACTIVE and forward is not None and not self.replied:
+            if forward.abort is not None:
+                self._resume_reading(_PAUSE_CONNECTING)  # read (and drop) the rest of the body
+                self._local_reply(forward.abort)
+                return
+            self._start_attempt(forward.pool, reuse=True)
 
     def _start_attempt(self, pool: EndpointPool, reuse: bool) -> None:
         self.up_out = []  # anything meant for a previous attempt's connection is void

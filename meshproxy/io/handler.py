@@ -16,6 +16,7 @@ from typing import Protocol
 from meshproxy.core.http1 import Header, RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
 from meshproxy.core.routetable import NO_OPS, HeaderOps
+from meshproxy.errors import ProxyError
 from meshproxy.io.pool import EndpointPool
 
 
@@ -33,6 +34,7 @@ class Forward:
     response_ops: HeaderOps = NO_OPS  # the route's response header operations
     response_headers: tuple[Header, ...] = ()  # added to the response (CORS, set-cookie)
     mirrors: tuple[tuple[EndpointPool, RequestHead], ...] = ()  # shadow copies to send
+    abort: ProxyError | None = None  # fault injection: answer this once the delay is over
 
 
 class Handler(Protocol):

@@ -76,7 +76,19 @@ class Decision:
     response_ops: HeaderOps
     response_headers: tuple[Header, ...]  # e.g. CORS headers for an allowed origin
     mirrors: tuple[tuple[Cluster, RequestHead], ...]
-    hash_key: bytes | None = None
+    abort: DirectReply | None = None  # a fault abort due when the fault delay ends
+
+
+def _abort(status: int | None, grpc_status: str) -> DirectReply:
+    """Envoy's fault abort: the HTTP status with its body, or a gRPC status in the headers."""
+    if grpc_status:
+        code = _GRPC_CODES.get(grpc_status.upper(), 2)
+        return DirectReply(
+            200,
+            headers=((b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % code)),
+            flag="FI",
+        )
+    return DirectReply(status or 503, _FAULT_BODY, flag="FI")
 
 
 def _headers_map(head: RequestHead) -> dict[str, str]:
@@ -160,19 +172,8 @@ class Router:
 
         fault = route.fault
         delay = None
+        abort: DirectReply | None = None
         if fault is not None:
-            if fault.abort_percent > 0 and self._rng.random() * 100 < fault.abort_percent:
-                if fault.abort_grpc:
-                    code = _GRPC_CODES.get(fault.abort_grpc.upper(), 2)
-                    raise DirectReply(
-                        200,
-                        headers=(
-                            (b"content-type", b"application/grpc"),
-                            (b"grpc-status", b"%d" % code),
-                        ),
-                        flag="FI",
-                    )
-                raise DirectReply(fault.abort_status or 503, _FAULT_BODY, flag="FI")
             if (
                 fault.delay is not None
                 and fault.delay_percent > 0
@@ -180,6 +181,12 @@ class Router:
             ):
                 delay = fault.delay
                 record.add_flag("DI")
+            if fault.abort_percent > 0 and self._rng.random() * 100 < fault.abort_percent:
+                abort = _abort(fault.abort_status, fault.abort_grpc)
+                if delay is None:
+                    raise abort
+                # Envoy's fault filter: "delays can be followed by aborts" - the abort is
+                # answered when the delay ends (FaultFilter::postDelayInjection).
 
         wc = route.pick(self._rng)
         target = Target(cluster=wc.cluster, host=host, port=wc.cluster.port)
@@ -216,6 +223,7 @@ class Router:
             response_ops=response_ops,
             response_headers=response_headers,
             mirrors=mirrors,
+            abort=abort,
         )
 
     def _default(self, head: RequestHead, authority: str) -> Decision:

@@ -82,6 +82,7 @@ class OutboundStack:
             response_ops=decision.response_ops,
             response_headers=response_headers,
             mirrors=mirrors,
+            abort=decision.abort,
         )
 
     def _hash_key(self, target: Target, head: RequestHead, record: RequestRecord) -> HashKey:

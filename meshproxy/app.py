@@ -95,6 +95,7 @@ class App:
         self._drain_task: asyncio.Task[None] | None = None
         self._sweeper: Sweeper | None = None
         self._started_at = time.time()
+        self._health_failed = False
 
     # -- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,7 +116,7 @@ class App:
         timeouts = spec.timeouts
         try:
             if spec.outbound is not None:
-                stack = OutboundStack(table, routes, pools, self._rng, access_log)
+                stack = OutboundStack(table, routes, pools, self._rng, loop.time, access_log)
                 await self._listen("outbound", spec.outbound.address, stack)
             if spec.inbound is not None and app_cluster is not None:
                 inbound = InboundStack(app_cluster, pools, self._rng, access_log)
@@ -144,6 +145,7 @@ class App:
             stack,
             idle_timeout=timeouts.idle,
             request_headers_timeout=timeouts.request_headers,
+            retry_buffer=self.config.bootstrap.spec.retry_buffer_bytes,
         )
         await listener.start()
         self.listeners[name] = listener
@@ -152,7 +154,7 @@ class App:
         for listener in self.listeners.values():
             listener.sweep(now)
         if self.pools is not None:
-            self.pools.expire_idle(now)
+            self.pools.sweep(now)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -193,7 +195,7 @@ class App:
         for listener in self.listeners.values():
             await listener.close()
         if self.pools is not None:
-            self.pools.close_all()
+            await self.pools.close()
         if self.admin is not None:
             await self.admin.close()
         task = self._drain_task
@@ -220,23 +222,44 @@ class App:
             ("GET", "/route"): WithRequest(self._route),
             ("POST", "/quitquitquit"): self._quit,
             ("POST", "/drain_listeners"): self._drain_listeners,
+            ("POST", "/healthcheck/fail"): self._healthcheck_fail,
+            ("POST", "/healthcheck/ok"): self._healthcheck_ok,
         }
 
     def _ready(self) -> AdminResponse:
-        if self.state is State.LIVE:
+        if self.state is State.LIVE and not self._health_failed:
             return AdminResponse(status=200, body=b"LIVE\n")
-        return AdminResponse(status=503, body=f"{self.state.value}\n".encode())
+        # Envoy: after POST /healthcheck/fail the server reports DRAINING (reference §2.8).
+        state = State.DRAINING if self._health_failed else self.state
+        return AdminResponse(status=503, body=f"{state.value}\n".encode())
+
+    def _healthcheck_fail(self) -> AdminResponse:
+        self._health_failed = True
+        return AdminResponse(status=200, body=b"OK\n")
+
+    def _healthcheck_ok(self) -> AdminResponse:
+        self._health_failed = False
+        return AdminResponse(status=200, body=b"OK\n")
 
     def _config_dump(self) -> AdminResponse:
         dump = to_jsonable(self.config)
         return _json(dump)
 
     def _clusters(self) -> AdminResponse:
+        """Per cluster: its limits and their use, each endpoint's connections, requests and
+        health (ejected until when), and the retry, overflow, timeout and ejection counters."""
         assert self.pools is not None
-        clusters: dict[str, list[dict[str, object]]] = {}
-        for name, pool in self.pools.all_pools():
-            clusters.setdefault(name, []).append(pool.snapshot())
-        return _json({"clusters": [{"name": n, "endpoints": e} for n, e in clusters.items()]})
+        now = asyncio.get_running_loop().time()
+        clusters: dict[str, dict[str, object]] = {}
+        for state in self.pools.states():
+            snap = state.snapshot(now)
+            name = state.cluster.name
+            if name in clusters:  # passthrough destinations share one cluster name
+                merged = clusters[name]
+                merged["endpoints"] = [*merged["endpoints"], *snap["endpoints"]]  # type: ignore[misc]
+            else:
+                clusters[name] = snap
+        return _json({"clusters": list(clusters.values())})
 
     def _listeners(self) -> AdminResponse:
         return _json(

@@ -127,6 +127,14 @@ class UpstreamReset(ProxyError):
     body = (_RESET_PREFIX + "connection termination").encode()
 
 
+class UpstreamOverflow(ProxyError):
+    """A concurrency limit of the cluster refused the request (503 UO, x-envoy-overloaded)."""
+
+    status_hint = 503
+    flag = "UO"
+    body = (_RESET_PREFIX + "overflow").encode()
+
+
 class UpstreamTimeout(ProxyError):
     """The route deadline passed before the response began (504 UT)."""
 

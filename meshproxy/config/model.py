@@ -89,6 +89,8 @@ class MeshProxySpec:
     outbound_traffic_policy: TrafficPolicyMode = TrafficPolicyMode.ALLOW_ANY
     drain_duration: Duration = Duration(5.0)
     timeouts: Timeouts = Timeouts()
+    # How much of a request body is kept so a try can be replayed (issue #4: 64 KiB default).
+    retry_buffer_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -512,12 +514,26 @@ class PortTrafficPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudget:
+    """``trafficPolicy.retryBudget``: Envoy's retry budget (circuit_breaker.proto RetryBudget).
+
+    When the block is present, Istio fills ``percent`` 20% and ``minRetryConcurrency`` 3
+    (``cluster_traffic_policy.go applyRetryBudget``); the budget then replaces ``maxRetries``.
+    """
+
+    percent: Percent | None = None
+    min_retry_concurrency: int | None = None
+    budget_interval: Duration | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
     tls: ClientTLSSettings | None = None
     port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

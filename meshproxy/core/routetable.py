@@ -36,6 +36,7 @@ from meshproxy.config.model import (
     VirtualService,
 )
 from meshproxy.core.match import MatchBlock, RequestView, compile_block, string_test
+from meshproxy.core.retry import NO_RETRY, RetryPolicy, istio_policy
 from meshproxy.core.routing import Cluster, HostTable, host_aliases, split_authority
 
 _CACHE_MAX = 4096
@@ -165,6 +166,7 @@ class Route:
     rewrite: Rewrite | None = None
     timeout: float | None = None
     retries: HTTPRetry | None = None
+    retry_policy: RetryPolicy = NO_RETRY  # compiled from `retries` (Istio's default if unset)
     fault: Fault | None = None
     mirrors: tuple[Mirror, ...] = ()
     cors: Cors | None = None
@@ -447,6 +449,8 @@ def _compile_route(
         "blocks": blocks,
         "timeout": rule.timeout,
         "retries": rule.retries,
+        # Istio: "timeouts or retries will not be enabled when faults are enabled".
+        "retry_policy": NO_RETRY if rule.fault is not None else istio_policy(rule.retries),
         "request_ops": compile_ops(rule.headers.request if rule.headers else None),
         "response_ops": compile_ops(rule.headers.response if rule.headers else None),
         "cors": _compile_cors(rule.cors_policy) if rule.cors_policy else None,

@@ -163,6 +163,7 @@ def _override(base: TrafficPolicy | None, over: TrafficPolicy) -> TrafficPolicy:
         outlier_detection=over.outlier_detection or base.outlier_detection,
         tls=over.tls or base.tls,
         port_level_settings=over.port_level_settings,
+        retry_budget=over.retry_budget or base.retry_budget,
     )
 
 
@@ -179,6 +180,7 @@ def _for_port(tp: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
                 connection_pool=pl.connection_pool,
                 outlier_detection=pl.outlier_detection,
                 tls=pl.tls,
+                retry_budget=tp.retry_budget,  # port levels have none of their own
             )
     return tp
 

@@ -22,14 +22,19 @@ import socket
 import typing
 from typing import TYPE_CHECKING
 
+from meshproxy.core.classify import Failure, Outcome, failed, response
 from meshproxy.core.h11codec import H11ServerCodec
-from meshproxy.core.http1 import Body, EndOfMessage, RequestHead, ResponseHead, Signal
+from meshproxy.core.http1 import Body, EndOfMessage, Header, RequestHead, ResponseHead, Signal
+from meshproxy.core.limits import ClusterLimits
 from meshproxy.core.record import RequestRecord
+from meshproxy.core.retry import Verdict
 from meshproxy.errors import (
     BadRequest,
     ConnectFailure,
     ProxyError,
     RequestTimeout,
+    UpstreamOverflow,
+    UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
@@ -57,19 +62,44 @@ _PAUSE_UPSTREAM_FULL = 2  # the upstream's write buffer is over the high waterma
 _PAUSE_PIPELINE = 4  # the next request must wait for this response
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+# The classifier's name for each way a try can fail (core/classify.py).
+_FAILURES: dict[type[ProxyError], Failure] = {
+    ConnectFailure: Failure.CONNECT_FAILURE,
+    UpstreamReset: Failure.RESET,
+    UpstreamTimeout: Failure.TIMEOUT,
+    UpstreamProtocolError: Failure.PROTOCOL_ERROR,
+    UpstreamOverflow: Failure.OVERFLOW,
+}
+
+
+def _with_attempt_count(head: RequestHead, attempt: int) -> RequestHead:
+    """The head for try N: ``x-envoy-attempt-count: N`` (Istio sets include_request_attempt_count)."""
+    value = b"%d" % attempt
+    headers: list[Header] = [
+        (n, value) if n == b"x-envoy-attempt-count" else (n, v) for n, v in head.headers
+    ]
+    return RequestHead(method=head.method, target=head.target, headers=headers)
+
+
 _CONTINUE = ResponseHead(status=100, headers=(), reason=b"Continue")
 
 
 class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_connect_task",
+        "_backoff",
+        "_deadline",
         "_mirror_body",
         "_out",
         "_pause",
         "_pending_body",
         "_processing",
+        "_replay",
+        "_replay_size",
+        "_retry_slot",
         "_reused",
         "_timer",
+        "_try_timer",
+        "_waiting",
         "bodyless",
         "codec",
         "forward",
@@ -103,7 +133,6 @@ class DownstreamConnection(asyncio.Protocol):
         self._pause = 0
         self._processing = False
         self._timer: asyncio.TimerHandle | None = None
-        self._connect_task: asyncio.Task[None] | None = None
         self.write_paused = False
         # Bytes for the client and for the upstream, collected while one read is processed and
         # written with one writelines (one syscall) at its end, not one write per event.
@@ -124,6 +153,13 @@ class DownstreamConnection(asyncio.Protocol):
         self._pending_body: list[bytes] = []
         self._reused = False
         self._mirror_body: list[bytes] | None = None
+        self._replay: list[bytes] | None = None  # the body kept for replays, while it fits
+        self._replay_size = 0
+        self._waiting = False  # queued on self.pool for a connection
+        self._try_timer: asyncio.TimerHandle | None = None
+        self._backoff: asyncio.TimerHandle | None = None  # a retry (or fault delay) pending
+        self._deadline: float | None = None  # the route deadline, loop time
+        self._retry_slot: ClusterLimits | None = None  # held by the current try if a retry
 
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,20 +179,16 @@ class DownstreamConnection(asyncio.Protocol):
         self.phase = Phase.CLOSED
         self.listener.connections.discard(self)
         self._cancel_timer()
-        task = self._connect_task
-        if task is not None and not task.done():
-            task.cancel()
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
             # The client went away mid-exchange: cancel the upstream request, free its connection.
             upstream.abort()
+        self._end_attempt()  # also leaves a connection queue it may be waiting in
         if was == Phase.ACTIVE and self.record is not None:
-            self._leave_pool()
             self.record.add_flag("DC")
             self._complete()
         elif was == Phase.TUNNEL:
-            self._leave_pool()
             self._complete()
 
     def eof_received(self) -> bool | None:
@@ -245,6 +277,9 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self.forward = forward
         self.bodyless = forward.replayable
+        if forward.retry is not None and not forward.replayable:
+            # Keep the body as it streams, up to the bound, so an attempt can be replayed.
+            self._replay = []
         if forward.expect_continue and self.transport is not None:
             # Envoy (proxy_100_continue off) answers 100-continue itself and strips Expect.
             self._out.append(self.codec.send_informational(_CONTINUE))
@@ -254,12 +289,12 @@ class DownstreamConnection(asyncio.Protocol):
         if forward.delay:
             # Fault injection: hold the request (and its body) back, then forward it.
             self._pause_reading(_PAUSE_CONNECTING)
-            self._timer = self.loop.call_later(forward.delay, self._after_delay)
+            self._backoff = self.loop.call_later(forward.delay, self._after_delay)
             return
         self._start_attempt(forward.pool, reuse=True)
 
     def _after_delay(self) -> None:
-        self._timer = None
+        self._backoff = None
         forward = self.forward
         if self.phase == Phase.ACTIVE and forward is not None and not self.replied:
             if forward.abort is not None:
@@ -268,45 +303,47 @@ class DownstreamConnection(asyncio.Protocol):
                 return
             self._start_attempt(forward.pool, reuse=True)
 
+    # -- attempts -----------------------------------------------------------------------------
     def _start_attempt(self, pool: EndpointPool, reuse: bool) -> None:
+        """Begin one try on ``pool``: count it, then take a pooled connection or wait for one."""
         self.up_out = []  # anything meant for a previous attempt's connection is void
+        record = self.record
+        assert record is not None
+        if not pool.begin_request():
+            self._release_retry_slot()
+            self._attempt_failed(UpstreamOverflow("max requests"))
+            return
         self.pool = pool
-        pool.active_requests += 1
-        pool.total_requests += 1
-        conn = pool.take_idle() if reuse else None
+        record.upstream_host = pool.endpoint.key
+        try:
+            conn = pool.take_idle() if reuse else None
+            if conn is None:
+                conn = pool.acquire(self)
+        except UpstreamOverflow as exc:
+            self._end_attempt()
+            self._attempt_failed(exc)
+            return
         if conn is not None:
             self._attach(conn, reused=True)
             return
+        self._waiting = True
         self._pause_reading(_PAUSE_CONNECTING)
-        task = self.loop.create_task(self._connect(pool), name=f"connect {pool.endpoint.key}")
-        self._connect_task = task
-        self.listener.tasks.add(task)
-        task.add_done_callback(self.listener.tasks.discard)
 
-    async def _connect(self, pool: EndpointPool) -> None:
-        try:
-            conn = await pool.connect()
-        except ConnectFailure as exc:
-            self._connect_task = None
-            if self.phase == Phase.ACTIVE and self.pool is pool:
-                self._leave_pool()
-                self._fail_before_response(exc)
+    def on_connection(self, conn: UpstreamConnection) -> None:
+        """A connection for the request waiting on ``self.pool`` (Waiter)."""
+        if not self._waiting or self.phase != Phase.ACTIVE or self.pool is not conn.pool:
+            conn.pool.give_back(conn)  # the request went away meanwhile: keep it for others
             return
-        self._connect_task = None
-        if self.phase != Phase.ACTIVE or self.pool is not pool or self.replied:
-            conn.close()  # the client left (or was answered) while we were connecting
-            return
-        self._attach(conn, reused=False)
+        self._waiting = False
+        self._attach(conn, reused=conn.requests > 0)
 
-    def _send_mirrors(self, forward: Forward, body: bytes) -> None:
-        self._mirror_body = None
-        tasks = self.listener.tasks
-        for pool, head in forward.mirrors:
-            task = self.loop.create_task(
-                shadow(pool, head, body), name=f"mirror {pool.endpoint.key}"
-            )
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+    def on_connection_error(self, error: ProxyError) -> None:
+        """No connection came: connect failure, or none came free in time (Waiter)."""
+        if not self._waiting or self.phase != Phase.ACTIVE:
+            return
+        self._waiting = False
+        self._end_attempt()
+        self._attempt_failed(error)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
         forward = self.forward
@@ -316,16 +353,18 @@ class DownstreamConnection(asyncio.Protocol):
         conn.sink = self
         conn.requests += 1
         record.attempts += 1
-        record.upstream_host = self.pool.endpoint.key
         self._reused = reused
+        head = forward.head
+        if record.attempts > 1:
+            head = _with_attempt_count(head, record.attempts)
         codec = conn.codec
         try:
-            chunks = [codec.send_head(forward.head)]
+            chunks = [codec.send_head(head)]
         except ProxyError as exc:  # a head h11 refuses to frame (e.g. a header rewrite made it so)
             self.upstream = None
             conn.sink = None
             conn.close()
-            self._leave_pool()
+            self._end_attempt()
             self._resume_reading(_PAUSE_CONNECTING)
             self._local_reply(exc)
             return
@@ -336,13 +375,105 @@ class DownstreamConnection(asyncio.Protocol):
             self._pending_body = []
         if self.request_done:
             chunks.append(codec.send_end())
-            self._arm_timeout()
+            self._arm_try_timeout()
         self.up_out.extend(chunks)
         if not self._processing:
             self._flush_upstream()
         if self.write_paused:
             conn.pause_reading()
         self._resume_reading(_PAUSE_CONNECTING)
+
+    def _end_attempt(self) -> None:
+        """The current try is over (whatever its outcome): give back what it held."""
+        self._cancel_try_timer()
+        pool = self.pool
+        if pool is not None:
+            if self._waiting:
+                pool.cancel(self)
+                self._waiting = False
+            pool.end_request()
+            self.pool = None
+        self._release_retry_slot()
+
+    def _release_retry_slot(self) -> None:
+        if self._retry_slot is not None:
+            self._retry_slot.release_retry()
+            self._retry_slot = None
+
+    def _attempt_failed(self, error: ProxyError) -> None:
+        """A try ended without a response: retry it, or answer with the error."""
+        outcome = failed(_FAILURES.get(type(error), Failure.RESET))
+        if self._maybe_retry(outcome):
+            return
+        self._fail_before_response(error)
+
+    def _maybe_retry(self, outcome: Outcome) -> bool:
+        """Record the outcome; schedule the next try if the policy, the body and the limits allow.
+
+        Returns False when the outcome stands (the caller forwards or answers it).
+        """
+        forward, record = self.forward, self.record
+        assert forward is not None and record is not None
+        pool = self.pool
+        now = self.loop.time()
+        if pool is not None:
+            pool.state.record(pool, outcome, now)
+        retry = forward.retry
+        if retry is None:
+            return False
+        verdict = retry.decide(outcome)
+        if verdict is Verdict.DONE:
+            return False
+        if verdict is Verdict.EXHAUSTED:
+            record.add_flag("URX")
+            return False
+        if not (forward.replayable or self._replay is not None):
+            return False  # the body went past the replay buffer: it cannot be sent again
+        if self._deadline is not None and self._deadline <= now:
+            return False
+        state = (pool or forward.pool).state
+        if not state.limits.try_retry():
+            state.retry_overflows += 1  # Envoy upstream_rq_retry_overflow: no retry, no URX
+            return False
+        state.retries += 1
+        previous = pool or forward.pool
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.abort()  # its response (if any) is discarded with it
+        self._end_attempt()
+        self._retry_slot = state.limits
+        retry.next_attempt()
+        if not forward.replayable and self._replay is not None:
+            self._pending_body = list(self._replay)
+        self._pause_reading(_PAUSE_CONNECTING)
+        delay = retry.backoff()
+        self._backoff = self.loop.call_later(delay, self._retry_now, previous)
+        return True
+
+    def _retry_now(self, previous: EndpointPool) -> None:
+        self._backoff = None
+        forward, record = self.forward, self.record
+        if self.phase != Phase.ACTIVE or forward is None or record is None or self.replied:
+            self._release_retry_slot()
+            return
+        try:
+            pool = self.handler.reselect(forward, record, previous)
+        except ProxyError as exc:  # no endpoint left (all ejected)
+            self._release_retry_slot()
+            self._fail_before_response(exc)
+            return
+        self._start_attempt(pool, reuse=True)
+
+    def _send_mirrors(self, forward: Forward, body: bytes) -> None:
+        self._mirror_body = None
+        tasks = self.listener.tasks
+        for pool, head in forward.mirrors:
+            task = self.loop.create_task(
+                shadow(pool, head, body), name=f"mirror {pool.endpoint.key}"
+            )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def _on_body(self, data: bytes) -> None:
         record = self.record
@@ -355,6 +486,13 @@ class DownstreamConnection(asyncio.Protocol):
             mirror.append(data)
             if sum(map(len, mirror)) > MIRROR_BODY_MAX:
                 self._mirror_body = None  # too big to copy: the mirror is skipped
+        replay = self._replay
+        if replay is not None:
+            self._replay_size += len(data)
+            if self._replay_size > self.listener.retry_buffer:
+                self._replay = None  # past the bound: forwarded, but no longer retried
+            else:
+                replay.append(data)
         upstream = self.upstream
         if upstream is not None:
             self.up_out.extend(upstream.codec.send_body(data))
@@ -366,18 +504,28 @@ class DownstreamConnection(asyncio.Protocol):
         if self.replied:
             self._finish()
             return
-        if self._mirror_body is not None and self.forward is not None:
-            self._send_mirrors(self.forward, b"".join(self._mirror_body))
+        forward = self.forward
+        if self._mirror_body is not None and forward is not None:
+            self._send_mirrors(forward, b"".join(self._mirror_body))
+        # The route timeout starts once the whole request is read and covers every try (Envoy).
+        if forward is not None and forward.timeout:
+            self._deadline = self.loop.time() + forward.timeout
+            self._timer = self.loop.call_later(forward.timeout, self._on_route_timeout)
         upstream = self.upstream
         if upstream is not None:
             self.up_out.append(upstream.codec.send_end())
-            self._arm_timeout()
+            self._arm_try_timeout()
 
     # -- the response (ResponseSink) ------------------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
         record, forward, transport = self.record, self.forward, self.transport
         if self.phase != Phase.ACTIVE or record is None or forward is None or transport is None:
             return
+        self._cancel_try_timer()
+        if forward.retry is not None and self._maybe_retry(response(head.status, head.headers)):
+            return
+        if forward.retry is None and self.pool is not None:
+            self.pool.state.record(self.pool, response(head.status), self.loop.time())
         self._cancel_timer()
         now = self.loop.time()
         record.response_code = head.status
@@ -399,6 +547,7 @@ class DownstreamConnection(asyncio.Protocol):
         if head.status != 101 or not forward.websocket:
             return  # 100 Continue was answered already; other 1xx are not forwarded
         self._cancel_timer()
+        self._cancel_try_timer()
         record.response_code = 101
         out = self.handler.on_response(head, forward, record, False)
         self._out.append(self.codec.send_informational(out))
@@ -431,7 +580,7 @@ class DownstreamConnection(asyncio.Protocol):
                 pool.release(conn, self.loop.time())
             else:
                 conn.close()  # the request was not fully sent: that connection is unusable
-        self._leave_pool()
+        self._end_attempt()
         if self.request_done:
             self._finish()
         else:
@@ -460,9 +609,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.upstream = None
         if self.phase != Phase.ACTIVE or self.record is None:
             return
-        self._leave_pool()
         if self.response_started:
             # Too late for a local reply: reset the client connection, as Envoy does.
+            self._end_attempt()
             self.record.add_flag(error.flag)
             self._complete()
             self.phase = Phase.CLOSED
@@ -479,11 +628,15 @@ class DownstreamConnection(asyncio.Protocol):
             and forward.replayable
             and not self.replayed
         ):
-            # A pooled connection the upstream had already closed: not the request's fault.
+            # A pooled connection the upstream had already closed: the keep-alive race, not the
+            # request's fault or the endpoint's: once, on a fresh connection, outside the policy.
             self.replayed = True
-            self._start_attempt(self.handler.reselect(forward, self.record), reuse=False)
+            pool = self.pool
+            self._end_attempt()
+            if pool is not None:
+                self._start_attempt(pool, reuse=False)
             return
-        self._fail_before_response(error)
+        self._attempt_failed(error)
 
     def on_tunnel_data(self, data: bytes) -> None:
         if self.transport is not None and self.phase == Phase.TUNNEL:
@@ -497,7 +650,7 @@ class DownstreamConnection(asyncio.Protocol):
     def on_tunnel_closed(self) -> None:
         self.upstream = None
         if self.phase == Phase.TUNNEL:
-            self._leave_pool()
+            self._end_attempt()
             self._complete()
             self.close()
 
@@ -513,6 +666,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.upstream = None
         if conn is not None:
             conn.abort()
+        if self.pool is not None:
+            self._end_attempt()
         self._local_reply(error)
 
     def _local_reply(self, error: ProxyError) -> None:
@@ -545,6 +700,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.response_started = True
         self.replied = True
         self._cancel_timer()
+        self._cancel_try_timer()
+        self._resume_reading(_PAUSE_CONNECTING)
         self.flush()
         transport.writelines(data)
         if close:
@@ -557,12 +714,6 @@ class DownstreamConnection(asyncio.Protocol):
         """Malformed input: answer it, then close (the stream's framing can't be trusted)."""
         self._local_reply(error)
         self.close()
-
-    def _leave_pool(self) -> None:
-        pool = self.pool
-        if pool is not None:
-            pool.active_requests -= 1
-            self.pool = None
 
     def _complete(self) -> None:
         record = self.record
@@ -586,24 +737,56 @@ class DownstreamConnection(asyncio.Protocol):
             self._process()
 
     # -- timers and flow control ----------------------------------------------------------------
-    def _arm_timeout(self) -> None:
+    def _arm_try_timeout(self) -> None:
+        """The per-try timeout runs from when a try's request is fully sent (Envoy)."""
         forward = self.forward
-        if forward is not None and forward.timeout:
-            self._timer = self.loop.call_later(forward.timeout, self._on_timeout)
+        retry = forward.retry if forward is not None else None
+        if retry is not None and retry.policy.per_try_timeout and self._try_timer is None:
+            self._try_timer = self.loop.call_later(
+                retry.policy.per_try_timeout, self._on_try_timeout
+            )
+
+    def _cancel_try_timer(self) -> None:
+        if self._try_timer is not None:
+            self._try_timer.cancel()
+            self._try_timer = None
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+            self._release_retry_slot()
 
-    def _on_timeout(self) -> None:
+    def _on_try_timeout(self) -> None:
+        self._try_timer = None
+        if self.phase != Phase.ACTIVE or self.response_started:
+            return
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.abort()
+        if self.pool is not None:
+            self.pool.state.timeouts += 1
+        self._attempt_failed(UpstreamTimeout("per-try timeout"))
+
+    def _on_route_timeout(self) -> None:
+        """The route deadline: it covers every try and every backoff; 504 UT."""
         self._timer = None
-        if self.phase == Phase.ACTIVE and not self.response_started:
-            conn, self.upstream = self.upstream, None
-            if conn is not None:
-                conn.abort()
-            self._leave_pool()
-            self._local_reply(UpstreamTimeout("route timeout"))
+        if self.phase != Phase.ACTIVE or self.response_started:
+            return
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.abort()
+        pool = self.pool or (self.forward.pool if self.forward is not None else None)
+        if pool is not None:
+            pool.state.timeouts += 1
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        self._end_attempt()
+        self._local_reply(UpstreamTimeout("route timeout"))
 
     def check_timeouts(self, now: float) -> None:
         """Called by the listener's sweeper: idle and slow-head connections are closed."""

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from meshproxy.core.http1 import Header, RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
+from meshproxy.core.retry import RetryState
 from meshproxy.core.routetable import NO_OPS, HeaderOps
 from meshproxy.errors import ProxyError
 from meshproxy.io.pool import EndpointPool
@@ -35,6 +36,7 @@ class Forward:
     response_headers: tuple[Header, ...] = ()  # added to the response (CORS, set-cookie)
     mirrors: tuple[tuple[EndpointPool, RequestHead], ...] = ()  # shadow copies to send
     abort: ProxyError | None = None  # fault injection: answer this once the delay is over
+    retry: RetryState | None = None  # this request's retries (None: the policy allows none)
 
 
 class Handler(Protocol):
@@ -43,8 +45,11 @@ class Handler(Protocol):
 
     def on_request(self, head: RequestHead, record: RequestRecord) -> Forward: ...
 
-    def reselect(self, forward: Forward, record: RequestRecord) -> EndpointPool:
-        """Another endpoint for a replay after a stale pooled connection (the same one if alone)."""
+    def reselect(
+        self, forward: Forward, record: RequestRecord, previous: EndpointPool
+    ) -> EndpointPool:
+        """The endpoint for a retry: another than ``previous`` when the policy says so and one
+        exists (Envoy's previous_hosts predicate), among those not ejected."""
         ...
 
     def on_response(

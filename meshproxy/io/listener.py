@@ -55,6 +55,7 @@ class Listener:
         "name",
         "port",
         "request_headers_timeout",
+        "retry_buffer",
         "server",
         "tasks",
     )
@@ -67,6 +68,7 @@ class Listener:
         *,
         idle_timeout: float,
         request_headers_timeout: float,
+        retry_buffer: int = 64 * 1024,
     ) -> None:
         self.name = name
         self.address = address
@@ -74,6 +76,7 @@ class Listener:
         self.loop = asyncio.get_running_loop()
         self.idle_timeout = idle_timeout
         self.request_headers_timeout = request_headers_timeout
+        self.retry_buffer = retry_buffer
         self.connections: set[DownstreamConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False

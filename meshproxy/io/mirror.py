@@ -69,8 +69,8 @@ class _Discard:
 
 async def shadow(pool: EndpointPool, head: RequestHead, body: bytes) -> None:
     """Send one mirrored request and discard the answer."""
-    pool.active_requests += 1
-    pool.total_requests += 1
+    if not pool.begin_request():
+        return  # the cluster is at its request limit: the copy is dropped, never queued
     conn = None
     ok = False
     try:
@@ -89,7 +89,7 @@ async def shadow(pool: EndpointPool, head: RequestHead, body: bytes) -> None:
     except (ProxyError, TimeoutError, OSError) as exc:
         log.debug("mirror to %s failed: %s", pool.endpoint.key, exc)
     finally:
-        pool.active_requests -= 1
+        pool.end_request()
         if conn is not None:
             if ok:
                 pool.release(conn, asyncio.get_running_loop().time())

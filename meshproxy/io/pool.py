@@ -19,9 +19,10 @@ import collections
 import logging
 import socket
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from meshproxy.core.classify import Failure, Outcome
 from meshproxy.core.h11codec import H11ClientCodec
 from meshproxy.core.http1 import (
     Body,
@@ -30,8 +31,16 @@ from meshproxy.core.http1 import (
     ResponseHead,
     Signal,
 )
+from meshproxy.core.limits import ClusterLimits, LimitSettings
+from meshproxy.core.outlier import OutlierDetector, outlier_settings
 from meshproxy.core.routing import Cluster, Endpoint
-from meshproxy.errors import ConnectFailure, ProxyError, UpstreamProtocolError, UpstreamReset
+from meshproxy.errors import (
+    ConnectFailure,
+    ProxyError,
+    UpstreamOverflow,
+    UpstreamProtocolError,
+    UpstreamReset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +211,105 @@ class UpstreamConnection(asyncio.Protocol):
         return not self.lost and self.transport is not None and not self.transport.is_closing()
 
 
-class EndpointPool:
-    """The connections to one endpoint: idle ones ready for reuse, and counters for /clusters."""
+class Waiter(Protocol):
+    """A request waiting for a connection of an endpoint pool."""
+
+    def on_connection(self, conn: UpstreamConnection) -> None: ...
+    def on_connection_error(self, error: ProxyError) -> None: ...
+
+
+class ClusterState:
+    """One cluster's shared runtime state: its endpoint pools, concurrency limits (Envoy's
+    "circuit breakers"), outlier detector and counters, used by every listener."""
 
     __slots__ = (
+        "_next_tick",
+        "cluster",
+        "limits",
+        "outlier",
+        "pools",
+        "retries",
+        "retry_overflows",
+        "timeouts",
+    )
+
+    def __init__(
+        self, cluster: Cluster, endpoints: Sequence[Endpoint], tasks: set[asyncio.Task[None]]
+    ) -> None:
+        self.cluster = cluster
+        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy))
+        od = cluster.policy.outlier_detection if cluster.policy is not None else None
+        # Istio configures outlier detection only when the DestinationRule has the block.
+        self.outlier = (
+            OutlierDetector(len(endpoints), outlier_settings(od))
+            if od is not None and endpoints
+            else None
+        )
+        self.pools = tuple(EndpointPool(self, ep, i, tasks) for i, ep in enumerate(endpoints))
+        self.retries = 0
+        self.retry_overflows = 0
+        self.timeouts = 0
+        self._next_tick = 0.0
+
+    def eligible(self, now: float) -> Sequence[EndpointPool]:
+        """The endpoints a request may go to: all, or the ones outlier detection has not ejected
+        (all of them again in panic, below minHealthPercent)."""
+        outlier = self.outlier
+        if outlier is None:
+            return self.pools
+        chosen = outlier.eligible(now)
+        if len(chosen) == len(self.pools):
+            return self.pools
+        return [self.pools[i] for i in chosen]
+
+    def record(self, pool: EndpointPool, outcome: Outcome, now: float) -> None:
+        if self.outlier is not None and outcome.failure is not Failure.OVERFLOW:
+            self.outlier.record(
+                pool.index,
+                status=outcome.status,
+                local_origin_failure=outcome.local_origin,
+                now=now,
+            )
+
+    def tick(self, now: float) -> None:
+        outlier = self.outlier
+        if outlier is not None and now >= self._next_tick:
+            self._next_tick = now + outlier.settings.interval
+            outlier.tick(now)
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        endpoints = []
+        for pool in self.pools:
+            entry = pool.snapshot()
+            if self.outlier is not None:
+                until = self.outlier.returns_at(pool.index)
+                healthy = self.outlier.healthy(pool.index, now)
+                entry["health"] = "healthy" if healthy else "ejected"
+                entry["returns_in_seconds"] = (
+                    round(until - now, 3) if until and not healthy else None
+                )
+            else:
+                entry["health"] = "healthy"
+            endpoints.append(entry)
+        out: dict[str, object] = {
+            "name": self.cluster.name,
+            "limits": self.limits.snapshot(),
+            "retries": self.retries,
+            "retry_overflows": self.retry_overflows,
+            "timeouts": self.timeouts,
+            "endpoints": endpoints,
+        }
+        if self.outlier is not None:
+            out["outlier_detection"] = self.outlier.snapshot(now)
+        return out
+
+
+class EndpointPool:
+    """The connections to one endpoint: idle ones ready for reuse, requests waiting for one, and
+    counters for /clusters. Connections and waiting requests count against the cluster's limits."""
+
+    __slots__ = (
+        "_tasks",
         "active_requests",
         "cluster",
         "connect_failures",
@@ -213,23 +317,129 @@ class EndpointPool:
         "endpoint",
         "host",
         "idle",
+        "index",
         "port",
+        "state",
         "total_connections",
         "total_requests",
+        "waiters",
     )
 
-    def __init__(self, cluster: Cluster, endpoint: Endpoint) -> None:
-        self.cluster = cluster
+    def __init__(
+        self,
+        state: ClusterState,
+        endpoint: Endpoint,
+        index: int,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        self.state = state
+        self.cluster = state.cluster
         self.endpoint = endpoint
+        self.index = index  # position among the cluster's endpoints (outlier detection)
         self.host = endpoint.address
         self.port = endpoint.port
         self.idle: collections.deque[UpstreamConnection] = collections.deque()
         self.connections: set[UpstreamConnection] = set()
+        self.waiters: collections.OrderedDict[Waiter, asyncio.TimerHandle | None] = (
+            collections.OrderedDict()
+        )
+        self._tasks = tasks
         self.active_requests = 0
         self.total_requests = 0
         self.total_connections = 0
         self.connect_failures = 0
 
+    # -- requests -------------------------------------------------------------------------------
+    def begin_request(self) -> bool:
+        """Count a request (attempt) against the cluster's max requests; False: overflow."""
+        if not self.state.limits.try_request():
+            return False
+        self.active_requests += 1
+        self.total_requests += 1
+        return True
+
+    def end_request(self) -> None:
+        self.active_requests -= 1
+        self.state.limits.release_request()
+
+    def acquire(self, waiter: Waiter) -> UpstreamConnection | None:
+        """A pooled connection now, or None and the waiter is called back later.
+
+        Raises ``UpstreamOverflow`` when the cluster's pending-request limit is reached. A waiter
+        queued behind ``maxConnections`` waits at most the connect timeout.
+        """
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
+        limits = self.state.limits
+        if not limits.try_pending():
+            raise UpstreamOverflow("pending requests limit")
+        loop = asyncio.get_running_loop()
+        if limits.try_connection():
+            self.waiters[waiter] = None
+            self._spawn_connect()
+        else:
+            handle = loop.call_later(self.cluster.connect_timeout, self._waiter_timeout, waiter)
+            self.waiters[waiter] = handle
+        return None
+
+    def cancel(self, waiter: Waiter) -> None:
+        """The request gave up waiting (its client left, or it was answered)."""
+        if waiter in self.waiters:
+            handle = self.waiters.pop(waiter)
+            if handle is not None:
+                handle.cancel()
+            self.state.limits.release_pending()
+
+    def _waiter_timeout(self, waiter: Waiter) -> None:
+        if waiter in self.waiters:
+            del self.waiters[waiter]
+            self.state.limits.release_pending()
+            waiter.on_connection_error(
+                UpstreamOverflow("no connection became free within the connect timeout")
+            )
+
+    def _spawn_connect(self) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._connect_for_waiter(), name=f"connect {self.endpoint.key}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_for_waiter(self) -> None:
+        try:
+            conn = await self._open()
+        except ConnectFailure as exc:
+            self.state.limits.release_connection()
+            waiter = self._pop_waiter()
+            if waiter is not None:
+                waiter.on_connection_error(exc)
+            return
+        self._hand_over(conn)
+
+    def _pop_waiter(self) -> Waiter | None:
+        if not self.waiters:
+            return None
+        waiter, handle = self.waiters.popitem(last=False)
+        if handle is not None:
+            handle.cancel()
+        self.state.limits.release_pending()
+        return waiter
+
+    def give_back(self, conn: UpstreamConnection) -> None:
+        """A connection its waiter no longer wants: to the next waiter, or idle."""
+        self._hand_over(conn)
+
+    def _hand_over(self, conn: UpstreamConnection) -> None:
+        """Give a ready connection to the oldest waiter, or keep it idle."""
+        waiter = self._pop_waiter()
+        if waiter is None:
+            conn.idle_since = asyncio.get_running_loop().time()
+            self.idle.append(conn)
+            return
+        waiter.on_connection(conn)
+
+    # -- connections ----------------------------------------------------------------------------
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
         while idle:
@@ -246,19 +456,37 @@ class EndpointPool:
             and not conn.codec.trailing_data()  # bytes after the response: not a clean stream
             and not (limit and conn.requests >= limit)
         ):
-            conn.idle_since = now
             conn.got_response_bytes = False
+            if self.waiters:
+                self._hand_over(conn)
+                return
+            conn.idle_since = now
             self.idle.append(conn)
         else:
             conn.close()
 
     def forget(self, conn: UpstreamConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.state.limits.release_connection()
         if conn in self.idle:
             self.idle.remove(conn)
+        # A connection slot came free: a request queued behind maxConnections can have it.
+        if self.waiters and self.state.limits.try_connection():
+            self._spawn_connect()
 
     async def connect(self) -> UpstreamConnection:
-        """Open a new connection, bounded by the cluster's connect timeout."""
+        """A new connection outside the waiter queue (mirrors), within maxConnections."""
+        if not self.state.limits.try_connection():
+            raise UpstreamOverflow("connections limit")
+        try:
+            return await self._open()
+        except ConnectFailure:
+            self.state.limits.release_connection()
+            raise
+
+    async def _open(self) -> UpstreamConnection:
+        """Open a connection (its slot already granted), bounded by the connect timeout."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.cluster.connect_timeout):
@@ -286,13 +514,17 @@ class EndpointPool:
         for conn in list(self.connections):
             conn.close()
         self.idle.clear()
+        for waiter in list(self.waiters):
+            self.cancel(waiter)
 
     def snapshot(self) -> dict[str, object]:
         return {
             "address": self.endpoint.key,
+            "labels": dict(self.endpoint.labels),
             "active_connections": len(self.connections),
             "idle_connections": len(self.idle),
             "active_requests": self.active_requests,
+            "waiting_requests": len(self.waiters),
             "total_requests": self.total_requests,
             "total_connections": self.total_connections,
             "connect_failures": self.connect_failures,
@@ -300,48 +532,70 @@ class EndpointPool:
 
 
 class PoolManager:
-    """Endpoint pools per cluster; passthrough destinations get pools on demand (bounded LRU)."""
+    """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough")
+    __slots__ = ("_by_cluster", "_passthrough", "tasks")
 
     def __init__(self, clusters: Iterable[Cluster]) -> None:
-        self._by_cluster: dict[str, tuple[EndpointPool, ...]] = {
-            c.name: tuple(EndpointPool(c, ep) for ep in c.endpoints) for c in clusters
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._by_cluster: dict[str, ClusterState] = {
+            c.name: ClusterState(c, c.endpoints, self.tasks) for c in clusters
         }
-        self._passthrough: collections.OrderedDict[tuple[str, int], EndpointPool] = (
+        self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
         )
 
-    def pools(self, cluster: Cluster) -> tuple[EndpointPool, ...]:
+    def state(self, cluster: Cluster) -> ClusterState:
         found = self._by_cluster.get(cluster.name)
         if found is None:
-            found = tuple(EndpointPool(cluster, ep) for ep in cluster.endpoints)
+            found = ClusterState(cluster, cluster.endpoints, self.tasks)
             self._by_cluster[cluster.name] = found
         return found
 
+    def pools(self, cluster: Cluster) -> tuple[EndpointPool, ...]:
+        return self.state(cluster).pools
+
     def passthrough_pool(self, cluster: Cluster, host: str, port: int) -> EndpointPool:
         key = (host, port)
-        pool = self._passthrough.get(key)
-        if pool is not None:
+        state = self._passthrough.get(key)
+        if state is not None:
             self._passthrough.move_to_end(key)
-            return pool
-        pool = EndpointPool(cluster, Endpoint(address=host, port=port))
-        self._passthrough[key] = pool
+            return state.pools[0]
+        state = ClusterState(cluster, (Endpoint(address=host, port=port),), self.tasks)
+        self._passthrough[key] = state
         while len(self._passthrough) > _PASSTHROUGH_POOLS_MAX:
             _, old = self._passthrough.popitem(last=False)
-            old.close_all()
-        return pool
+            for pool in old.pools:
+                pool.close_all()
+        return state.pools[0]
+
+    def states(self) -> list[ClusterState]:
+        return [*self._by_cluster.values(), *self._passthrough.values()]
 
     def all_pools(self) -> list[tuple[str, EndpointPool]]:
-        out = [(name, p) for name, pools in self._by_cluster.items() for p in pools]
-        out.extend((p.cluster.name, p) for p in self._passthrough.values())
-        return out
+        return [(s.cluster.name, p) for s in self.states() for p in s.pools]
+
+    def sweep(self, now: float) -> None:
+        """Idle connections past their timeout close; outlier detectors run their interval."""
+        for state in self.states():
+            state.tick(now)
+            for pool in state.pools:
+                if pool.idle:
+                    pool.expire_idle(now)
 
     def expire_idle(self, now: float) -> None:
+        self.sweep(now)
+
+    async def close(self) -> None:
         for _, pool in self.all_pools():
-            if pool.idle:
-                pool.expire_idle(now)
+            pool.close_all()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def close_all(self) -> None:
         for _, pool in self.all_pools():
             pool.close_all()
+        for task in list(self.tasks):
+            task.cancel()

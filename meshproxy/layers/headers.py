@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from meshproxy.core.http1 import Header, RequestHead, ResponseHead
 from meshproxy.core.record import RequestRecord
+from meshproxy.core.retry import RetryHeaders
 from meshproxy.errors import BadRequest, UpgradeForbidden
 
 # RFC 9110 §7.6.1 hop-by-hop fields plus the de-facto ones Envoy strips (reference §2.7).
@@ -32,8 +33,21 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # Request headers Envoy's router consumes (reference §2.1 [obs]); more arrive with retries (#4).
-_CONSUMED = frozenset({b"x-envoy-upstream-rq-timeout-ms", b"expect"})
+_CONSUMED = frozenset(
+    {
+        b"x-envoy-upstream-rq-timeout-ms",
+        b"expect",
+        b"x-envoy-retry-on",
+        b"x-envoy-retry-grpc-on",
+        b"x-envoy-max-retries",
+        b"x-envoy-upstream-rq-per-try-timeout-ms",
+        b"x-envoy-retriable-status-codes",
+        b"x-envoy-retriable-header-names",
+        b"x-envoy-attempt-count",  # ours to set, per try
+    }
+)
 _CHUNKED: Header = (b"transfer-encoding", b"chunked")
+_FIRST_ATTEMPT: Header = (b"x-envoy-attempt-count", b"1")
 
 
 @dataclass(slots=True)
@@ -46,6 +60,7 @@ class RequestPlan:
     websocket: bool
     expect_continue: bool
     has_body: bool
+    retry_headers: RetryHeaders | None = None  # Envoy's x-envoy-retry-* request headers
 
 
 def _uint64(value: bytes) -> int | None:
@@ -113,6 +128,7 @@ def plan_request(
     rid: bytes | None = None
     has_xfp = False
     timeout_ms: int | None = None
+    retry_values: dict[bytes, str] = {}
     upgrade: bytes | None = None
     expect_continue = False
     chunked = False
@@ -136,8 +152,10 @@ def plan_request(
                 expect_continue = header[1].lower() == b"100-continue"
                 if not expect_continue:
                     append(header)
-            else:
+            elif name == b"x-envoy-upstream-rq-timeout-ms":
                 timeout_ms = _uint64(header[1])
+            elif name != b"x-envoy-attempt-count":
+                retry_values[name] = header[1].decode("latin-1")
             continue
         if name == b"host":
             host = header[1]
@@ -179,6 +197,8 @@ def plan_request(
     record.path = target.decode("latin-1")
     record.authority = authority
     record.request_id = rid.decode("latin-1")
+    # Istio sets include_request_attempt_count: each try tells the upstream its number.
+    append(_FIRST_ATTEMPT)
     return RequestPlan(
         head=RequestHead(method=head.method, target=target, headers=out),
         authority=authority,
@@ -186,11 +206,29 @@ def plan_request(
         websocket=websocket,
         expect_continue=expect_continue,
         has_body=chunked or has_length,
+        retry_headers=_retry_headers(retry_values) if retry_values else None,
+    )
+
+
+def _retry_headers(values: dict[bytes, str]) -> RetryHeaders:
+    max_retries = values.get(b"x-envoy-max-retries")
+    per_try = values.get(b"x-envoy-upstream-rq-per-try-timeout-ms")
+    return RetryHeaders(
+        retry_on=values.get(b"x-envoy-retry-on"),
+        grpc_retry_on=values.get(b"x-envoy-retry-grpc-on"),
+        max_retries=_uint64(max_retries.encode()) if max_retries is not None else None,
+        per_try_timeout_ms=_uint64(per_try.encode()) if per_try is not None else None,
+        status_codes=values.get(b"x-envoy-retriable-status-codes"),
+        header_names=values.get(b"x-envoy-retriable-header-names"),
     )
 
 
 def response_head(
-    head: ResponseHead, service_time_ms: int, close: bool, websocket: bool = False
+    head: ResponseHead,
+    service_time_ms: int,
+    close: bool,
+    websocket: bool = False,
+    attempts: int = 0,
 ) -> ResponseHead:
     """The response head as the client sees it."""
     connection = b""
@@ -211,6 +249,9 @@ def response_head(
             continue
         append(header)
     append((b"x-envoy-upstream-service-time", b"%d" % service_time_ms))
+    if attempts:
+        # Envoy include_attempt_count_in_response: how many tries the upstream saw.
+        append((b"x-envoy-attempt-count", b"%d" % attempts))
     if websocket:
         append((b"connection", b"upgrade"))
     elif chunked:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from meshproxy.core.http1 import Header, RequestHead
 from meshproxy.core.match import RequestView
 from meshproxy.core.record import RequestRecord
+from meshproxy.core.retry import NO_RETRY, RetryPolicy, istio_policy
 from meshproxy.core.routetable import (
     NO_OPS,
     ActionKind,
@@ -41,6 +42,7 @@ from meshproxy.core.routing import (
 )
 from meshproxy.errors import BlackHole, DirectReply, NoRoute
 
+_DEFAULT_RETRY = istio_policy(None)
 # Envoy's fault filter abort body (envoy/source/extensions/filters/http/fault).
 _FAULT_BODY = b"fault filter abort"
 _GRPC_CODES = {
@@ -77,6 +79,7 @@ class Decision:
     response_headers: tuple[Header, ...]  # e.g. CORS headers for an allowed origin
     mirrors: tuple[tuple[Cluster, RequestHead], ...]
     abort: DirectReply | None = None  # a fault abort due when the fault delay ends
+    retry_policy: RetryPolicy = NO_RETRY
 
 
 def _abort(status: int | None, grpc_status: str) -> DirectReply:
@@ -224,6 +227,7 @@ class Router:
             response_headers=response_headers,
             mirrors=mirrors,
             abort=abort,
+            retry_policy=route.retry_policy,
         )
 
     def _default(self, head: RequestHead, authority: str) -> Decision:
@@ -235,7 +239,10 @@ class Router:
         else:
             host, port = split_authority(authority, 80)
             target = passthrough(host, port or 80)
+        # A service's own route carries Istio's default retry policy; the passthrough one none.
+        policy = _DEFAULT_RETRY if type(found) is Target else NO_RETRY
         return Decision(
+            retry_policy=policy,
             target=target,
             head=head,
             route=None,

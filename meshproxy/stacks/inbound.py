@@ -55,7 +55,9 @@ class InboundStack:
             replayable=not plan.has_body,
         )
 
-    def reselect(self, forward: Forward, record: RequestRecord) -> EndpointPool:
+    def reselect(
+        self, forward: Forward, record: RequestRecord, previous: EndpointPool
+    ) -> EndpointPool:
         return self._pool
 
     def on_response(

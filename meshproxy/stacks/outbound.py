@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import random
 
+from meshproxy.core.clock import Clock
 from meshproxy.core.http1 import RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
+from meshproxy.core.retry import RetryState, with_headers
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import ClusterKind, HostTable, Target
 from meshproxy.io.handler import Forward
@@ -24,7 +26,7 @@ from meshproxy.telemetry.access_log import AccessLog
 
 
 class OutboundStack:
-    __slots__ = ("_access_log", "_balance", "_pools", "_rng", "router")
+    __slots__ = ("_access_log", "_balance", "_clock", "_pools", "_rng", "router")
 
     def __init__(
         self,
@@ -32,10 +34,12 @@ class OutboundStack:
         routes: RouteTable,
         pools: PoolManager,
         rng: random.Random,
+        clock: Clock,
         access_log: AccessLog | None = None,
     ) -> None:
         self._pools = pools
         self._rng = rng
+        self._clock = clock
         self.router = Router(hosts, routes, rng)
         self._balance: EndpointPicker = balance_layer(rng)
         self._balance.prepare(list(hosts.clusters.values()))
@@ -65,7 +69,13 @@ class OutboundStack:
         # 4. Deadline: the route's timeout (none by default, as Istio); Envoy's request header
         #    x-envoy-upstream-rq-timeout-ms overrides it.
         timeout = timeout_seconds(plan.timeout_ms) or decision.timeout
-        # 5. Mirrors: copies go to their own endpoints, chosen now, sent once the request is read.
+        # 5. Retries: the route's policy (Istio's default when it sets none), refined by Envoy's
+        #    x-envoy-retry-* request headers; the edge runs the tries, this state decides them.
+        policy = decision.retry_policy
+        if plan.retry_headers is not None:
+            policy = with_headers(policy, plan.retry_headers)
+        retry = RetryState(policy, self._rng) if policy.enabled else None
+        # 6. Mirrors: copies go to their own endpoints, chosen now, sent once the request is read.
         mirrors = tuple(
             (self._endpoint(Target(cluster=c, host=target.host, port=c.port), NO_KEY, -1), h)
             for c, h in decision.mirrors
@@ -83,6 +93,7 @@ class OutboundStack:
             response_headers=response_headers,
             mirrors=mirrors,
             abort=decision.abort,
+            retry=retry,
         )
 
     def _hash_key(self, target: Target, head: RequestHead, record: RequestRecord) -> HashKey:
@@ -95,17 +106,35 @@ class OutboundStack:
         cluster = target.cluster
         if cluster.kind is ClusterKind.ORIGINAL_DST:
             return self._pools.passthrough_pool(cluster, target.host, target.port)
-        return self._balance.pick(cluster, self._pools.pools(cluster), key, exclude)
+        # Only endpoints outlier detection has not ejected (all of them in panic mode).
+        endpoints = self._pools.state(cluster).eligible(self._clock())
+        return self._balance.pick(cluster, endpoints, key, exclude)
 
-    def reselect(self, forward: Forward, record: RequestRecord) -> EndpointPool:
-        # A stale pooled connection is the endpoint's keep-alive race, not its health: same pool.
-        return forward.pool
+    def reselect(
+        self, forward: Forward, record: RequestRecord, previous: EndpointPool
+    ) -> EndpointPool:
+        cluster = previous.cluster
+        if cluster.kind is ClusterKind.ORIGINAL_DST:
+            return previous
+        endpoints = self._pools.state(cluster).eligible(self._clock())
+        exclude = -1
+        retry = forward.retry
+        if retry is not None and retry.policy.ignore_previous_hosts:
+            # Envoy's previous_hosts retry predicate: another endpoint when there is one.
+            for i, pool in enumerate(endpoints):
+                if pool is previous:
+                    exclude = i
+                    break
+        key = self._hash_key(
+            Target(cluster=cluster, host="", port=cluster.port), forward.head, record
+        )
+        return self._balance.pick(cluster, endpoints, key, exclude)
 
     def on_response(
         self, head: ResponseHead, forward: Forward, record: RequestRecord, close: bool
     ) -> ResponseHead:
         service_ms = int((record.upstream_service_time or 0.0) * 1000)
-        out = response_head(head, service_ms, close, forward.websocket)
+        out = response_head(head, service_ms, close, forward.websocket, record.attempts)
         if forward.response_headers or not forward.response_ops.empty:
             headers = list(out.headers)
             if not forward.response_ops.empty:

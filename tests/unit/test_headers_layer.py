@@ -125,7 +125,8 @@ def test_other_headers_pass_unchanged_and_in_order() -> None:
         (b"x-forwarded-proto", b"https"),
     ]
     p = plan(headers)
-    assert p.head.headers == headers
+    # Only x-envoy-attempt-count is added (Istio's include_request_attempt_count), at the end.
+    assert p.head.headers == [*headers, (b"x-envoy-attempt-count", b"1")]
     assert p.head.method == b"GET"
     assert p.head.target == b"/p"
     assert p.head.http_version == b"1.1"

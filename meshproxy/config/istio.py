@@ -30,6 +30,27 @@ from meshproxy.config.model import (
 )
 from meshproxy.errors import ConfigIssue
 
+# Envoy's x-envoy-retry-on and x-envoy-retry-grpc-on names (router_filter.rst), for `retryOn`.
+RETRY_ON = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "envoy-ratelimited",
+        "retriable-4xx",
+        "refused-stream",
+        "retriable-status-codes",
+        "retriable-headers",
+        "http3-post-connect-failure",
+        "cancelled",
+        "deadline-exceeded",
+        "internal",
+        "resource-exhausted",
+        "unavailable",
+    }
+)
 # Kubernetes' cluster DNS suffix; Istio's default `domainSuffix`.
 CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_NAMESPACE = "default"
@@ -167,6 +188,8 @@ def _check_bootstrap(chk: _Checker, mp: MeshProxy) -> None:
         chk.error(mp, "spec.trustDomain", f"invalid trust domain {spec.trust_domain!r}")
     if spec.outbound is None and spec.inbound is None:
         chk.error(mp, "spec", "define at least one of outbound and inbound")
+    if spec.retry_buffer_bytes < 0:
+        chk.error(mp, "spec.retryBufferBytes", "must not be negative")
     if spec.drain_duration < 0:
         chk.error(mp, "spec.drainDuration", "must not be negative")
     if spec.timeouts.request_headers <= 0:
@@ -298,8 +321,18 @@ def _check_destination_rule(
                     "set exactly one of httpHeaderName, httpCookie, useSourceIp, "
                     "httpQueryParameterName",
                 )
+        tcp = tp.connection_pool.tcp if tp.connection_pool is not None else None
+        if tcp is not None and tcp.connect_timeout is not None and tcp.connect_timeout < 0.001:
+            chk.error(dr, f"{path}.connectionPool.tcp.connectTimeout", "must be at least 1ms")
+        rb = tp.retry_budget
+        if rb is not None and rb.percent is not None and not 0 <= rb.percent.value <= 100:
+            chk.error(dr, f"{path}.retryBudget.percent.value", "must be 0..100")
         od = tp.outlier_detection
         if od is not None:
+            for name in ("interval", "base_ejection_time"):
+                value = getattr(od, name)
+                if value is not None and value < 0.001:
+                    chk.error(dr, f"{path}.outlierDetection.{_camel(name)}", "must be at least 1ms")
             for name in ("max_ejection_percent", "min_health_percent"):
                 value = getattr(od, name)
                 if value is not None and not 0 <= value <= 100:
@@ -416,6 +449,17 @@ def _check_route(
     if route.retries is not None:
         if route.retries.attempts < 0:
             chk.error(vs, f"{path}.retries.attempts", "must not be negative")
+        for raw in route.retries.retry_on.split(","):
+            token = raw.strip()
+            if token and not (token.isdigit() and len(token) == 3) and token not in RETRY_ON:
+                chk.error(
+                    vs,
+                    f"{path}.retries.retryOn",
+                    f"unknown retry condition {token!r} (Envoy's x-envoy-retry-on names or "
+                    "HTTP status codes)",
+                )
+        if route.retries.backoff is not None and route.retries.backoff < 0.001:
+            chk.error(vs, f"{path}.retries.backoff", "must be at least 1ms")
         if route.retries.per_try_timeout is not None and route.retries.per_try_timeout < 0.001:
             chk.error(vs, f"{path}.retries.perTryTimeout", "must be at least 1ms")
     if route.redirect is not None and route.redirect.redirect_code not in _REDIRECT_CODES:

@@ -20,6 +20,7 @@ import enum
 import random
 from dataclasses import dataclass, field, replace
 
+from meshproxy.config.istio import RETRY_ON
 from meshproxy.config.model import HTTPRetry
 from meshproxy.core.classify import Failure, Outcome
 
@@ -30,27 +31,7 @@ ISTIO_DEFAULT_RETRY_ON = frozenset(
 )
 ISTIO_DEFAULT_RETRIES = 2
 
-# Envoy's x-envoy-retry-on and x-envoy-retry-grpc-on condition names (router_filter.rst).
-CONDITIONS = frozenset(
-    {
-        "5xx",
-        "gateway-error",
-        "reset",
-        "reset-before-request",
-        "connect-failure",
-        "envoy-ratelimited",
-        "retriable-4xx",
-        "refused-stream",
-        "retriable-status-codes",
-        "retriable-headers",
-        "http3-post-connect-failure",
-        "cancelled",
-        "deadline-exceeded",
-        "internal",
-        "resource-exhausted",
-        "unavailable",
-    }
-)
+CONDITIONS = RETRY_ON  # one list, in config/istio.py, for validation and decisions
 _GRPC = {
     "cancelled": 1,
     "deadline-exceeded": 4,

@@ -913,3 +913,25 @@ def test_regex_features_re2_lacks_are_rejected_at_validation(pattern: str) -> No
 
     assert re2_problem(pattern) is not None
     assert re2_problem(r"^/api/v[0-9]+/(\w+)$") is None
+
+
+def test_unknown_retry_condition_is_rejected() -> None:
+    text = with_base(
+        vs_with(
+            """
+            - route:
+              - destination: {host: reviews}
+              retries:
+                attempts: 2
+                retryOn: "5xx,503,connect-failures"
+            """
+        )
+    )
+    issue = only_issue(("m.yaml", text))
+    assert located(issue) == (
+        "m.yaml",
+        line_of(text, "retryOn:"),
+        "VirtualService reviews",
+        "spec.http[0].retries.retryOn",
+    )
+    assert "'connect-failures'" in issue.message

@@ -128,7 +128,13 @@ class App:
             raise
         # One sweep serves every timeout; it runs at a quarter of the shortest (at most 1 s).
         shortest = min(
-            [timeouts.request_headers, timeouts.idle, *(c.idle_timeout for c in clusters)]
+            [
+                timeouts.request_headers,
+                timeouts.idle,
+                *(c.idle_timeout for c in clusters),
+                *(s.max_duration for s in pools.states() if s.max_duration),
+                *(s.outlier.settings.interval for s in pools.states() if s.outlier),
+            ]
         )
         period = min(1.0, max(shortest / 4, 0.01))
         self._sweeper = Sweeper(period, self._sweep)

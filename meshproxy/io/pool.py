@@ -68,6 +68,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "born",
         "codec",
         "eof",
         "got_response_bytes",
@@ -91,14 +92,28 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False
         self.got_response_bytes = False
         self.eof = False
+        self.born = 0.0
 
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = typing.cast(asyncio.Transport, transport)
+        self.born = asyncio.get_running_loop().time()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive = self.pool.state.keepalive
+            if keepalive is not None:
+                # connectionPool.tcp.tcpKeepalive: SO_KEEPALIVE, with the OS default for each
+                # value Istio leaves unset.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                probes, idle, interval = keepalive
+                if probes is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+                if idle is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+                if interval is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval)))
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
@@ -225,7 +240,9 @@ class ClusterState:
     __slots__ = (
         "_next_tick",
         "cluster",
+        "keepalive",
         "limits",
+        "max_duration",
         "outlier",
         "pools",
         "retries",
@@ -250,6 +267,14 @@ class ClusterState:
         self.retry_overflows = 0
         self.timeouts = 0
         self._next_tick = 0.0
+        pool = cluster.policy.connection_pool if cluster.policy is not None else None
+        tcp = pool.tcp if pool is not None else None
+        ka = tcp.tcp_keepalive if tcp is not None else None
+        self.keepalive: tuple[int | None, float | None, float | None] | None = (
+            (ka.probes, ka.time, ka.interval) if ka is not None else None
+        )
+        # connectionPool.tcp.maxConnectionDuration: a connection is not reused past this age.
+        self.max_duration = tcp.max_connection_duration if tcp is not None else None
 
     def eligible(self, now: float) -> Sequence[EndpointPool]:
         """The endpoints a request may go to: all, or the ones outlier detection has not ejected
@@ -450,11 +475,13 @@ class EndpointPool:
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
         limit = self.cluster.max_requests_per_connection
+        max_age = self.state.max_duration
         if (
             conn.usable
             and conn.codec.start_next_cycle()
             and not conn.codec.trailing_data()  # bytes after the response: not a clean stream
             and not (limit and conn.requests >= limit)
+            and not (max_age and now - conn.born >= max_age)
         ):
             conn.got_response_bytes = False
             if self.waiters:
@@ -509,6 +536,11 @@ class EndpointPool:
         # Oldest first: the deque is ordered by release time.
         while idle and now - idle[0].idle_since >= timeout:
             idle.popleft().close()
+        max_age = self.state.max_duration
+        if max_age:
+            for conn in [c for c in idle if now - c.born >= max_age]:
+                idle.remove(conn)
+                conn.close()
 
     def close_all(self) -> None:
         for conn in list(self.connections):

@@ -409,3 +409,47 @@ async def test_upstream_answering_before_the_body_ends_closes_the_client_connect
     assert raw.startswith(b"HTTP/1.1 413")
     assert raw.endswith(b"big!")
     assert b"connection: close" in raw.lower()
+
+
+async def test_tcp_keepalive_settings_reach_the_upstream_socket() -> None:
+    import socket
+
+    rule = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+        "metadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n"
+        "    connectionPool: {tcp: {tcpKeepalive: {probes: 4, time: 7s, interval: 3s}}}\n"
+    )
+    async with upstream() as up:
+        config = join(bootstrap(), service_entry("reviews", [up.port]), rule)
+        async with proxy(config) as px:
+            client = await RawClient.connect(px.port)
+            assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
+            await client.close()
+            assert px.app.pools is not None
+            (pool,) = [p for _, p in px.app.pools.all_pools() if p.connections]
+            (conn,) = pool.connections
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+
+
+async def test_connections_are_not_reused_past_max_connection_duration() -> None:
+    rule = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+        "metadata: {name: reviews}\nspec:\n  host: reviews\n"
+        "  trafficPolicy: {connectionPool: {tcp: {maxConnectionDuration: 200ms}}}\n"
+    )
+    async with upstream() as up:
+        config = join(bootstrap(), service_entry("reviews", [up.port]), rule)
+        async with proxy(config) as px:
+            client = await RawClient.connect(px.port)
+            assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
+            assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
+            assert up.connections == 1  # young enough to be reused
+            await up.wait_closed(1)  # the sweep closes it once it is older than 200 ms
+            assert (await client.request("GET", "/", [("host", "reviews")])).status == 200
+            await client.close()
+    assert up.connections == 2

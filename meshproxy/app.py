@@ -19,7 +19,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from meshproxy import __version__
@@ -33,6 +33,7 @@ from meshproxy.io.pool import PoolManager
 from meshproxy.stacks.inbound import InboundStack
 from meshproxy.stacks.outbound import OutboundStack
 from meshproxy.telemetry.access_log import AccessLog
+from meshproxy.telemetry.sinks import RecordSink
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class App:
         config: MeshConfig,
         *,
         access_log: TextIO | None = None,
+        record_sinks: Sequence[RecordSink] = (),
         seed: int | None = None,
     ) -> None:
         self.config = config
@@ -90,6 +92,7 @@ class App:
         self.hosts: HostTable | None = None
         self.routes: RouteTable | None = None
         self._access_log_out = access_log
+        self._record_sinks = tuple(record_sinks)
         self._rng = random.Random(seed)
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
@@ -101,7 +104,9 @@ class App:
     async def start(self) -> None:
         spec = self.config.bootstrap.spec
         loop = asyncio.get_running_loop()
-        access_log = AccessLog(self._access_log_out, loop.time()) if self._access_log_out else None
+        sinks: list[RecordSink] = list(self._record_sinks)
+        if self._access_log_out is not None:
+            sinks.insert(0, AccessLog(self._access_log_out, loop.time()).write)
         self.hosts = table = HostTable(self.config)
         self.routes = routes = RouteTable(self.config, table)
         app_cluster = (
@@ -116,10 +121,10 @@ class App:
         timeouts = spec.timeouts
         try:
             if spec.outbound is not None:
-                stack = OutboundStack(table, routes, pools, self._rng, loop.time, access_log)
+                stack = OutboundStack(table, routes, pools, self._rng, loop.time, sinks)
                 await self._listen("outbound", spec.outbound.address, stack)
             if spec.inbound is not None and app_cluster is not None:
-                inbound = InboundStack(app_cluster, pools, self._rng, access_log)
+                inbound = InboundStack(app_cluster, pools, self._rng, sinks)
                 await self._listen("inbound", spec.inbound.address, inbound)
             self.admin = AdminServer(spec.admin, self._admin_routes())
             await self.admin.start()

@@ -34,6 +34,7 @@ class RequestRecord:
         "response_code",
         "route_name",
         "start",
+        "tries",
         "upstream_host",
         "upstream_service_time",
         "user_agent",
@@ -60,6 +61,9 @@ class RequestRecord:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.upstream_service_time: float | None = None
+        # Every upstream try: (endpoint, outcome, seconds); the outcome is the response status
+        # or the classifier's failure name (core/classify.py).
+        self.tries: list[tuple[str, str, float]] = []
 
     def add_flag(self, flag: str) -> None:
         if flag and flag not in self.flags:

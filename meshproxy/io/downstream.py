@@ -98,6 +98,8 @@ class DownstreamConnection(asyncio.Protocol):
         "_retry_slot",
         "_reused",
         "_timer",
+        "_try_outcome",
+        "_try_start",
         "_try_timer",
         "_waiting",
         "bodyless",
@@ -160,6 +162,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._backoff: asyncio.TimerHandle | None = None  # a retry (or fault delay) pending
         self._deadline: float | None = None  # the route deadline, loop time
         self._retry_slot: ClusterLimits | None = None  # held by the current try if a retry
+        self._try_start = 0.0
+        self._try_outcome = ""
 
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -315,13 +319,14 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self.pool = pool
         record.upstream_host = pool.endpoint.key
+        self._try_start = self.loop.time()
+        self._try_outcome = ""
         try:
             conn = pool.take_idle() if reuse else None
             if conn is None:
                 conn = pool.acquire(self)
         except UpstreamOverflow as exc:
-            self._end_attempt()
-            self._attempt_failed(exc)
+            self._attempt_failed(exc)  # ends the try (or schedules the next one)
             return
         if conn is not None:
             self._attach(conn, reused=True)
@@ -342,8 +347,7 @@ class DownstreamConnection(asyncio.Protocol):
         if not self._waiting or self.phase != Phase.ACTIVE:
             return
         self._waiting = False
-        self._end_attempt()
-        self._attempt_failed(error)
+        self._attempt_failed(error)  # ends the try (or schedules the next one)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
         forward = self.forward
@@ -388,6 +392,11 @@ class DownstreamConnection(asyncio.Protocol):
         self._cancel_try_timer()
         pool = self.pool
         if pool is not None:
+            record = self.record
+            if record is not None:
+                elapsed = self.loop.time() - self._try_start
+                # No outcome: the client left, or the route deadline cut the try short.
+                record.tries.append((pool.endpoint.key, self._try_outcome or "cancelled", elapsed))
             if self._waiting:
                 pool.cancel(self)
                 self._waiting = False
@@ -416,6 +425,9 @@ class DownstreamConnection(asyncio.Protocol):
         assert forward is not None and record is not None
         pool = self.pool
         now = self.loop.time()
+        self._try_outcome = (
+            str(outcome.status) if outcome.failure is None else outcome.failure.value
+        )
         if pool is not None:
             pool.state.record(pool, outcome, now)
         retry = forward.retry
@@ -524,6 +536,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._cancel_try_timer()
         if forward.retry is not None and self._maybe_retry(response(head.status, head.headers)):
             return
+        self._try_outcome = str(head.status)
         if forward.retry is None and self.pool is not None:
             self.pool.state.record(self.pool, response(head.status), self.loop.time())
         self._cancel_timer()
@@ -611,6 +624,7 @@ class DownstreamConnection(asyncio.Protocol):
             return
         if self.response_started:
             # Too late for a local reply: reset the client connection, as Envoy does.
+            self._try_outcome = "reset-after-headers"
             self._end_attempt()
             self.record.add_flag(error.flag)
             self._complete()

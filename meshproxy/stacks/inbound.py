@@ -10,6 +10,7 @@ Rules: no socket work here; steps raise ``ProxyError`` to answer locally.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from meshproxy.core.http1 import RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
@@ -17,23 +18,23 @@ from meshproxy.core.routing import Cluster
 from meshproxy.io.handler import Forward
 from meshproxy.io.pool import EndpointPool, PoolManager
 from meshproxy.layers.headers import plan_request, response_head, timeout_seconds
-from meshproxy.telemetry.access_log import AccessLog
+from meshproxy.telemetry.sinks import RecordSink
 
 
 class InboundStack:
-    __slots__ = ("_access_log", "_cluster", "_pool", "_rng")
+    __slots__ = ("_cluster", "_pool", "_rng", "_sinks")
 
     def __init__(
         self,
         cluster: Cluster,
         pools: PoolManager,
         rng: random.Random,
-        access_log: AccessLog | None = None,
+        sinks: Sequence[RecordSink] = (),
     ) -> None:
         self._cluster = cluster
         self._pool = pools.pools(cluster)[0]
         self._rng = rng
-        self._access_log = access_log
+        self._sinks = tuple(sinks)
 
     @property
     def direction(self) -> Direction:
@@ -67,5 +68,6 @@ class InboundStack:
         return response_head(head, service_ms, close, forward.websocket)
 
     def on_complete(self, record: RequestRecord) -> None:
-        if self._access_log is not None:
-            self._access_log.write(record)
+        # Telemetry reads the finished record once: access log, metrics, spans.
+        for sink in self._sinks:
+            sink(record)

@@ -10,6 +10,7 @@ Rules: no socket work here; steps raise ``ProxyError`` to answer locally.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from meshproxy.core.clock import Clock
 from meshproxy.core.http1 import RequestHead, ResponseHead
@@ -22,11 +23,11 @@ from meshproxy.io.pool import EndpointPool, PoolManager
 from meshproxy.layers.balance import NO_KEY, EndpointPicker, HashKey, balance_layer
 from meshproxy.layers.headers import plan_request, response_head, timeout_seconds
 from meshproxy.layers.route import Router
-from meshproxy.telemetry.access_log import AccessLog
+from meshproxy.telemetry.sinks import RecordSink
 
 
 class OutboundStack:
-    __slots__ = ("_access_log", "_balance", "_clock", "_pools", "_rng", "router")
+    __slots__ = ("_balance", "_clock", "_pools", "_rng", "_sinks", "router")
 
     def __init__(
         self,
@@ -35,7 +36,7 @@ class OutboundStack:
         pools: PoolManager,
         rng: random.Random,
         clock: Clock,
-        access_log: AccessLog | None = None,
+        sinks: Sequence[RecordSink] = (),
     ) -> None:
         self._pools = pools
         self._rng = rng
@@ -43,7 +44,7 @@ class OutboundStack:
         self.router = Router(hosts, routes, rng)
         self._balance: EndpointPicker = balance_layer(rng)
         self._balance.prepare(list(hosts.clusters.values()))
-        self._access_log = access_log
+        self._sinks = tuple(sinks)
 
     @property
     def direction(self) -> Direction:
@@ -144,5 +145,6 @@ class OutboundStack:
         return out
 
     def on_complete(self, record: RequestRecord) -> None:
-        if self._access_log is not None:
-            self._access_log.write(record)
+        # Telemetry reads the finished record once: access log, metrics, spans.
+        for sink in self._sinks:
+            sink(record)

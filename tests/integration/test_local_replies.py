@@ -319,3 +319,23 @@ async def test_idle_keepalive_connection_is_closed_after_idle_timeout() -> None:
             # Nothing more is sent: the proxy closes the idle connection (EOF), within bounds.
             assert await asyncio.wait_for(reader.read(), timeout=5) == b""
             writer.close()
+
+
+async def test_the_record_keeps_every_try_with_endpoint_outcome_and_duration() -> None:
+    from meshproxy.core.record import RequestRecord
+
+    seen: list[RequestRecord] = []
+    dead = await closed_port()
+    async with upstream() as up:
+        config = join(bootstrap(), service_entry("svc", [dead, up.port]))
+        async with proxy(config, record_sinks=[seen.append]) as px:
+            for _ in range(6):
+                status, _, _ = await one_request(px.port)
+                assert status == 200  # a refused connect is retried on the other endpoint
+    tries = [t for record in seen for t in record.tries]
+    assert {outcome for _, outcome, _ in tries} == {"200", "connect-failure"}
+    assert all(seconds >= 0 for _, _, seconds in tries)
+    failed_first = [r for r in seen if r.tries[0][1] == "connect-failure"]
+    for record in failed_first:
+        assert record.tries[0][0] == f"127.0.0.1:{dead}"
+        assert record.tries[-1] == (f"127.0.0.1:{up.port}", "200", record.tries[-1][2])

@@ -26,6 +26,7 @@ from meshproxy.config.model import (
     RouteDestination,
     ServiceEntry,
     StringMatch,
+    Telemetry,
     VirtualService,
 )
 from meshproxy.errors import ConfigIssue
@@ -152,6 +153,7 @@ def assemble(
     entries = [r for r in resources if isinstance(r, ServiceEntry)]
     rules = [r for r in resources if isinstance(r, DestinationRule)]
     services = [r for r in resources if isinstance(r, VirtualService)]
+    telemetries = [r for r in resources if isinstance(r, Telemetry)]
 
     hosts: dict[str, ServiceEntry] = {}
     for se in entries:
@@ -161,6 +163,11 @@ def assemble(
         _check_destination_rule(chk, dr, hosts, subsets)
     for vs in services:
         _check_virtual_service(chk, vs, hosts, subsets)
+    for tm in telemetries:
+        for i, tr in enumerate(tm.spec.tracing):
+            pct = tr.random_sampling_percentage
+            if pct is not None and not 0 <= pct <= 100:
+                chk.error(tm, f"spec.tracing[{i}].randomSamplingPercentage", "must be 0..100")
     _check_bootstrap(chk, bootstraps[0])
     if chk.failed:
         return None
@@ -176,6 +183,7 @@ def assemble(
         service_entries=tuple(fill(r) for r in entries),  # type: ignore[misc]
         virtual_services=tuple(fill(r) for r in services),  # type: ignore[misc]
         destination_rules=tuple(fill(r) for r in rules),  # type: ignore[misc]
+        telemetries=tuple(fill(r) for r in telemetries),  # type: ignore[misc]
         sources=sources,
     )
 

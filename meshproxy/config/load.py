@@ -33,6 +33,7 @@ from meshproxy.config.model import (
     Metadata,
     Resource,
     ServiceEntry,
+    Telemetry,
     VirtualService,
 )
 from meshproxy.errors import ConfigError, ConfigIssue
@@ -48,10 +49,11 @@ _KINDS: Final[Mapping[str, tuple[tuple[str, ...], type[Resource]]]] = {
     "ServiceEntry": (_NETWORKING, ServiceEntry),
     "VirtualService": (_NETWORKING, VirtualService),
     "DestinationRule": (_NETWORKING, DestinationRule),
+    "Telemetry": (("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"), Telemetry),
 }
 # Kinds Istio defines that meshproxy does not read yet: a clear error beats silently ignoring them.
 _NOT_YET: Final = frozenset(
-    {"PeerAuthentication", "AuthorizationPolicy", "Telemetry", "Gateway", "Sidecar", "EnvoyFilter"}
+    {"PeerAuthentication", "AuthorizationPolicy", "Gateway", "Sidecar", "EnvoyFilter"}
 )
 # Fields the Kubernetes API server adds to metadata; accepted so `kubectl get -o yaml` loads.
 _K8S_METADATA: Final = frozenset(

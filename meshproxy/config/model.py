@@ -79,6 +79,40 @@ class Timeouts:
     idle: Duration = Duration(3600.0)
 
 
+class TracingExporter(enum.Enum):
+    NONE = "none"
+    OTLP = "otlp"  # OTLP over HTTP/protobuf (Jaeger, Tempo, the OpenTelemetry Collector)
+    CONSOLE = "console"
+
+
+class AccessLogFormat(enum.Enum):
+    TEXT = "text"  # Envoy's default format (reference §2.5)
+    JSON = "json"  # the same fields as a JSON object per line
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """Where spans go (Istio's MeshConfig extensionProviders, in our bootstrap)."""
+
+    exporter: TracingExporter = TracingExporter.NONE
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessLogSettings:
+    path: str = "/dev/stdout"
+    format: AccessLogFormat = AccessLogFormat.TEXT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetrySettings:
+    """The bootstrap's telemetry providers; the Istio ``Telemetry`` resource turns them on."""
+
+    prometheus: HostPort | None = None  # a separate scrape port, as Istio's :15090
+    tracing: TracingSettings = TracingSettings()
+    access_log: AccessLogSettings | None = None  # set: access logs on, as if a Telemetry said so
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeshProxySpec:
     service_account: str = "default"
@@ -91,6 +125,7 @@ class MeshProxySpec:
     timeouts: Timeouts = Timeouts()
     # How much of a request body is kept so a try can be replayed (issue #4: 64 KiB default).
     retry_buffer_bytes: int = 64 * 1024
+    telemetry: TelemetrySettings = TelemetrySettings()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -561,7 +596,123 @@ class DestinationRule:
 # The whole configuration
 
 
-Resource = MeshProxy | ServiceEntry | VirtualService | DestinationRule
+# =============================================================================================
+# Telemetry (istio/api telemetry/v1alpha1/telemetry.proto)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadSelector:
+    match_labels: Mapping[str, str] = field(default_factory=_no_map)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyTargetReference:
+    group: str = ""
+    kind: str = ""
+    name: str = ""
+    namespace: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderRef:
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiteralTag:
+    value: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvironmentTag:
+    name: str
+    default_value: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderTag:
+    name: str
+    default_value: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CustomTag:
+    literal: LiteralTag | None = None
+    environment: EnvironmentTag | None = None
+    header: HeaderTag | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSelector:
+    mode: str = ""  # CLIENT_AND_SERVER | CLIENT | SERVER
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tracing:
+    match: TracingSelector | None = None
+    providers: tuple[ProviderRef, ...] = ()
+    random_sampling_percentage: float | None = None  # Istio default 1%
+    disable_span_reporting: bool | None = None
+    custom_tags: Mapping[str, CustomTag] = field(default_factory=_no_map)
+    use_request_id_for_trace_sampling: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessLoggingFilter:
+    expression: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessLogging:
+    match: TracingSelector | None = None
+    providers: tuple[ProviderRef, ...] = ()
+    disabled: bool | None = None
+    filter: AccessLoggingFilter | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricSelector:
+    metric: str = ""
+    custom_metric: str = ""
+    mode: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TagOverride:
+    operation: str = ""  # UPSERT | REMOVE
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsOverrides:
+    match: MetricSelector | None = None
+    disabled: bool | None = None
+    tag_overrides: Mapping[str, TagOverride] = field(default_factory=_no_map)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Metrics:
+    providers: tuple[ProviderRef, ...] = ()
+    overrides: tuple[MetricsOverrides, ...] = ()
+    reporting_interval: Duration | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetrySpec:
+    selector: WorkloadSelector | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
+    tracing: tuple[Tracing, ...] = ()
+    access_logging: tuple[AccessLogging, ...] = ()
+    metrics: tuple[Metrics, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Telemetry:
+    metadata: Metadata
+    spec: TelemetrySpec
+
+
+Resource = MeshProxy | ServiceEntry | VirtualService | DestinationRule | Telemetry
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -572,4 +723,5 @@ class MeshConfig:
     service_entries: tuple[ServiceEntry, ...] = ()
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
+    telemetries: tuple[Telemetry, ...] = ()
     sources: tuple[str, ...] = ()  # the files read, in order

@@ -926,7 +926,7 @@ def test_unknown_kind() -> None:
     )
     assert issue.message == (
         "unknown kind 'ServiceEntree' (known: MeshProxy, ServiceEntry, VirtualService, "
-        "DestinationRule)"
+        "DestinationRule, Telemetry)"
     )
 
 

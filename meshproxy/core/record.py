@@ -61,9 +61,9 @@ class RequestRecord:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.upstream_service_time: float | None = None
-        # Every upstream try: (endpoint, outcome, seconds); the outcome is the response status
-        # or the classifier's failure name (core/classify.py).
-        self.tries: list[tuple[str, str, float]] = []
+        # Every upstream try: (endpoint, outcome, start, seconds); the outcome is the response
+        # status or the classifier's failure name (core/classify.py); start is loop time.
+        self.tries: list[tuple[str, str, float, float]] = []
 
     def add_flag(self, flag: str) -> None:
         if flag and flag not in self.flags:

@@ -396,7 +396,9 @@ class DownstreamConnection(asyncio.Protocol):
             if record is not None:
                 elapsed = self.loop.time() - self._try_start
                 # No outcome: the client left, or the route deadline cut the try short.
-                record.tries.append((pool.endpoint.key, self._try_outcome or "cancelled", elapsed))
+                record.tries.append(
+                    (pool.endpoint.key, self._try_outcome or "cancelled", self._try_start, elapsed)
+                )
             if self._waiting:
                 pool.cancel(self)
                 self._waiting = False

@@ -82,6 +82,11 @@ def parse_retry_on(text: str) -> tuple[frozenset[str], frozenset[int], list[str]
     return frozenset(conditions), frozenset(codes), unknown
 
 
+def _names(text: str) -> bool:
+    """Whether a retry-on list names retriable-status-codes explicitly."""
+    return any(t.strip() == "retriable-status-codes" for t in text.split(","))
+
+
 def _with_grpc(policy: RetryPolicy) -> RetryPolicy:
     codes = frozenset(code for name, code in _GRPC.items() if name in policy.retry_on)
     return replace(policy, grpc_codes=codes)
@@ -138,9 +143,9 @@ def with_headers(policy: RetryPolicy, h: RetryHeaders) -> RetryPolicy:
     codes = set(policy.status_codes)
     for text in (h.retry_on, h.grpc_retry_on):
         if text:
-            conditions, more_codes, _ = parse_retry_on(text)
-            extra |= conditions
-            codes |= more_codes
+            # Bare status codes are Istio's retryOn shorthand; Envoy's header takes names only.
+            conditions, _, _ = parse_retry_on(text)
+            extra |= conditions - {"retriable-status-codes"} if not _names(text) else conditions
     if h.status_codes:
         codes |= {int(t) for t in h.status_codes.split(",") if t.strip().isdigit()}
     num = policy.num_retries
@@ -150,10 +155,11 @@ def with_headers(policy: RetryPolicy, h: RetryHeaders) -> RetryPolicy:
         num = h.max_retries
     names = policy.header_names
     if h.header_names:
-        names = tuple(n.strip().lower().encode() for n in h.header_names.split(",") if n.strip())
+        # "in addition to" the route's (Envoy x-envoy-retriable-header-names)
+        names += tuple(n.strip().lower().encode() for n in h.header_names.split(",") if n.strip())
     per_try = policy.per_try_timeout
-    if h.per_try_timeout_ms:
-        per_try = h.per_try_timeout_ms / 1000.0
+    if h.per_try_timeout_ms is not None:
+        per_try = h.per_try_timeout_ms / 1000.0 or None  # 0 turns the per-try timeout off
     return _with_grpc(
         replace(
             policy,
@@ -184,6 +190,10 @@ def retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
         return False
     if outcome.overloaded:
         return False  # Envoy does not retry an upstream's x-envoy-overloaded answer
+    if outcome.header(b"x-envoy-ratelimited") is not None:
+        # Envoy (wouldRetryFromHeaders): a rate-limited answer is retried only under
+        # envoy-ratelimited, whatever else the policy says.
+        return "envoy-ratelimited" in on
     if "5xx" in on and status >= 500:
         return True
     if "gateway-error" in on and status in (502, 503, 504):
@@ -191,8 +201,6 @@ def retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
     if "retriable-4xx" in on and status == 409:
         return True
     if "retriable-status-codes" in on and status in policy.status_codes:
-        return True
-    if "envoy-ratelimited" in on and outcome.header(b"x-envoy-ratelimited") is not None:
         return True
     if "retriable-headers" in on and any(
         outcome.header(n) is not None for n in policy.header_names

@@ -457,11 +457,11 @@ class DownstreamConnection(asyncio.Protocol):
             conn.abort()  # its response (if any) is discarded with it
         self._end_attempt()
         self._retry_slot = state.limits
+        delay = retry.backoff()  # before counting the try: retry N waits in [0, (2^N-1) x base)
         retry.next_attempt()
         if not forward.replayable and self._replay is not None:
             self._pending_body = list(self._replay)
         self._pause_reading(_PAUSE_CONNECTING)
-        delay = retry.backoff()
         self._backoff = self.loop.call_later(delay, self._retry_now, previous)
         return True
 

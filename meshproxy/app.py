@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import random
 import signal
 import time
@@ -23,17 +24,22 @@ from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from meshproxy import __version__
-from meshproxy.config.model import MeshConfig
+from meshproxy.config.model import AccessLogFormat, MeshConfig
 from meshproxy.core.explain import explain_request, to_json
+from meshproxy.core.record import Direction
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable, inbound_cluster
 from meshproxy.io.admin import AdminRequest, AdminResponse, AdminRoute, AdminServer, WithRequest
 from meshproxy.io.listener import Listener, Sweeper
 from meshproxy.io.pool import PoolManager
+from meshproxy.layers.tracing import TracingStep, tracing_policy
 from meshproxy.stacks.inbound import InboundStack
 from meshproxy.stacks.outbound import OutboundStack
-from meshproxy.telemetry.access_log import AccessLog
+from meshproxy.telemetry.access_log import AccessLog, build_access_log
+from meshproxy.telemetry.dashboard import PAGE, Dashboard
+from meshproxy.telemetry.metrics import CONTENT_TYPE, MeshMetrics
 from meshproxy.telemetry.sinks import RecordSink
+from meshproxy.telemetry.tracing import SpanReporter, span_reporter
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,7 @@ class App:
         config: MeshConfig,
         *,
         access_log: TextIO | None = None,
+        access_log_format: AccessLogFormat | None = None,
         record_sinks: Sequence[RecordSink] = (),
         seed: int | None = None,
     ) -> None:
@@ -87,11 +94,21 @@ class App:
         self.state = State.STARTING
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
+        # Istio's metrics and the proxy's internals; a second scrape-only server as Istio's :15090.
+        self.metrics: MeshMetrics | None = None
+        self.prometheus: AdminServer | None = None
         self.pools: PoolManager | None = None
+        # Spans of sampled requests (None: the bootstrap's tracing exporter is `none`).
+        self.tracer: SpanReporter | None = None
         # The live routing tables, for the admin /route explainer.
         self.hosts: HostTable | None = None
         self.routes: RouteTable | None = None
         self._access_log_out = access_log
+        self._access_log_format = access_log_format
+        # Off unless a Telemetry resource, the bootstrap or ``access_log`` turns it on.
+        self.access_log: AccessLog | None = None
+        # The admin page's live numbers (GET / and /dashboard.json).
+        self.dashboard: Dashboard | None = None
         self._record_sinks = tuple(record_sinks)
         self._rng = random.Random(seed)
         self._stopped = asyncio.Event()
@@ -105,8 +122,11 @@ class App:
         spec = self.config.bootstrap.spec
         loop = asyncio.get_running_loop()
         sinks: list[RecordSink] = list(self._record_sinks)
-        if self._access_log_out is not None:
-            sinks.insert(0, AccessLog(self._access_log_out, loop.time()).write)
+        self.access_log = build_access_log(
+            self.config, loop.time(), out=self._access_log_out, format=self._access_log_format
+        )
+        if self.access_log is not None:
+            sinks.insert(0, self.access_log.write)
         self.hosts = table = HostTable(self.config)
         self.routes = routes = RouteTable(self.config, table)
         app_cluster = (
@@ -118,16 +138,49 @@ class App:
         if app_cluster is not None:
             clusters.append(app_cluster)
         self.pools = pools = PoolManager(clusters)
+        self.metrics = MeshMetrics(
+            self.config,
+            clusters,
+            cluster_snapshots=lambda: [s.snapshot(loop.time()) for s in pools.states()],
+            listener_snapshots=lambda: [(n, lst.active) for n, lst in self.listeners.items()],
+        )
+        sinks.append(self.metrics.sink)
+        self.dashboard = Dashboard(
+            lambda: [s.snapshot(loop.time()) for s in pools.states()], loop.time
+        )
+        sinks.append(self.dashboard.record)
+        # Traces: sampled requests' spans, exported off the loop (exporter `none`: tracing off).
+        self.tracer = span_reporter(self.config)
+        if self.tracer is not None:
+            sinks.append(self.tracer.write)
         timeouts = spec.timeouts
         try:
             if spec.outbound is not None:
-                stack = OutboundStack(table, routes, pools, self._rng, loop.time, sinks)
+                stack = OutboundStack(
+                    table,
+                    routes,
+                    pools,
+                    self._rng,
+                    loop.time,
+                    sinks,
+                    tracing=self._trace_step(Direction.OUTBOUND, 80),
+                )
                 await self._listen("outbound", spec.outbound.address, stack)
             if spec.inbound is not None and app_cluster is not None:
-                inbound = InboundStack(app_cluster, pools, self._rng, sinks)
+                inbound = InboundStack(
+                    app_cluster,
+                    pools,
+                    self._rng,
+                    sinks,
+                    tracing=self._trace_step(Direction.INBOUND, spec.inbound.app.port),
+                )
                 await self._listen("inbound", spec.inbound.address, inbound)
             self.admin = AdminServer(spec.admin, self._admin_routes())
             await self.admin.start()
+            if spec.telemetry.prometheus is not None:
+                scrape = {("GET", "/stats/prometheus"): self._stats_prometheus}
+                self.prometheus = AdminServer(spec.telemetry.prometheus, scrape)
+                await self.prometheus.start()
         except OSError:
             await self.close()
             raise
@@ -145,6 +198,13 @@ class App:
         self._sweeper = Sweeper(period, self._sweep)
         self._sweeper.start()
         self.state = State.LIVE
+
+    def _trace_step(self, direction: Direction, default_port: int) -> TracingStep | None:
+        if self.tracer is None:
+            return None
+        policy = tracing_policy(self.config, direction, os.environ)
+        # Ids and draws from the system's entropy: unique even when a test fixes the seed.
+        return TracingStep(policy, direction, random.Random(), default_port)
 
     async def _listen(
         self, name: str, address: object, stack: OutboundStack | InboundStack
@@ -209,6 +269,13 @@ class App:
             await self.pools.close()
         if self.admin is not None:
             await self.admin.close()
+        if self.prometheus is not None:
+            await self.prometheus.close()
+        if self.access_log is not None:
+            # After the listeners: the last requests' lines are queued. Joined off the loop.
+            await asyncio.to_thread(self.access_log.close)
+        if self.tracer is not None:
+            await self.tracer.aclose()  # the last spans, flushed off the loop (bounded)
         task = self._drain_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -225,11 +292,14 @@ class App:
     # -- admin ----------------------------------------------------------------------------------
     def _admin_routes(self) -> dict[tuple[str, str], AdminRoute]:
         return {
+            ("GET", "/"): self._admin_page,
+            ("GET", "/dashboard.json"): self._dashboard_json,
             ("GET", "/ready"): self._ready,
             ("GET", "/config_dump"): self._config_dump,
             ("GET", "/clusters"): self._clusters,
             ("GET", "/listeners"): self._listeners,
             ("GET", "/server_info"): self._server_info,
+            ("GET", "/stats/prometheus"): self._stats_prometheus,
             ("GET", "/route"): WithRequest(self._route),
             ("POST", "/quitquitquit"): self._quit,
             ("POST", "/drain_listeners"): self._drain_listeners,
@@ -324,6 +394,31 @@ class App:
         except ValueError as exc:
             return AdminResponse(status=400, body=f"{exc}\n".encode())
         return _json(to_json(expl))
+
+    def _stats_prometheus(self) -> AdminResponse:
+        """Istio's standard metrics and the proxy's internals, Prometheus text format."""
+        if self.metrics is None:
+            return AdminResponse(status=503, body=b"not started\n")
+        return AdminResponse(status=200, body=self.metrics.exposition(), content_type=CONTENT_TYPE)
+
+    def _admin_page(self) -> AdminResponse:
+        return AdminResponse(status=200, body=PAGE, content_type=b"text/html; charset=utf-8")
+
+    def _dashboard_json(self) -> AdminResponse:
+        """The admin page's data: rates, latency and errors by destination, clusters, recent
+        requests (telemetry/dashboard.py), and this proxy's name, state and access log counters."""
+        if self.dashboard is None:
+            return AdminResponse(status=503, body=b"not started\n")
+        data = self.dashboard.snapshot()
+        meta = self.config.bootstrap.metadata
+        data["server"] = {"node": f"{meta.name}.{meta.namespace}", "state": self.state.value}
+        alog = self.access_log
+        data["access_log"] = (
+            {"written": alog.written, "dropped": alog.dropped, "queued": alog.queued}
+            if alog is not None
+            else None
+        )
+        return _json(data)
 
     def _quit(self) -> AdminResponse:
         # Exit now, for Jobs (Envoy /quitquitquit, istio-agent :15020/quitquitquit).

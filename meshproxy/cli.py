@@ -22,7 +22,7 @@ from typing import TextIO
 from meshproxy import __version__
 from meshproxy.app import App
 from meshproxy.config.load import load_paths
-from meshproxy.config.model import MeshConfig
+from meshproxy.config.model import AccessLogFormat, MeshConfig
 from meshproxy.core.explain import explain_request, lint, to_json, to_text
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable
@@ -55,7 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--access-log",
         metavar="FILE",
-        help="write Envoy-format access log lines to FILE ('-' for stdout)",
+        help="write Envoy-format access log lines to FILE ('-' for stdout); without it, a "
+        "Telemetry resource's accessLogging or spec.telemetry.accessLog turns them on",
+    )
+    run.add_argument(
+        "--access-log-format",
+        choices=[f.value for f in AccessLogFormat],
+        default=None,
+        help="text (Envoy's default format) or json; default: spec.telemetry.accessLog.format",
     )
 
     validate = sub.add_parser("validate", help="check a configuration and exit")
@@ -129,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return _route(args.config, args.method, args.url, headers, as_json=args.json)
     if args.command == "run":
-        return _run(args.config, args.access_log)
+        fmt = AccessLogFormat(args.access_log_format) if args.access_log_format else None
+        return _run(args.config, args.access_log, fmt)
     if args.command == "demo":
         from meshproxy.examples.demo import run_demo
 
@@ -209,7 +217,7 @@ def _validate(paths: list[str]) -> int:
     return 0
 
 
-def _run(paths: list[str], access_log: str | None) -> int:
+def _run(paths: list[str], access_log: str | None, fmt: AccessLogFormat | None = None) -> int:
     try:
         config = load_paths(paths)
     except ConfigError as exc:
@@ -224,14 +232,17 @@ def _run(paths: list[str], access_log: str | None) -> int:
         out = open(access_log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_serve(config, out))
+            return runner.run(_serve(config, out, fmt))
     finally:
         if out is not None and out is not sys.stdout:
             out.close()
 
 
-async def _serve(config: MeshConfig, access_log: TextIO | None) -> int:
-    app = App(config, access_log=access_log)
+async def _serve(
+    config: MeshConfig, access_log: TextIO | None, fmt: AccessLogFormat | None = None
+) -> int:
+    # The access log's lines are written by a thread; App.close flushes it before ``out`` closes.
+    app = App(config, access_log=access_log, access_log_format=fmt)
     try:
         await app.start()
     except OSError as exc:

@@ -67,7 +67,7 @@ class Outcome:
 
     @property
     def overloaded(self) -> bool:
-        """The upstream said it is overloaded (Envoy never retries such a response)."""
+        """The upstream said it is overloaded (an answer like any other to retries since Envoy 1.15)."""
         return self.header(b"x-envoy-overloaded") is not None
 
 

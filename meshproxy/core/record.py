@@ -34,6 +34,7 @@ class RequestRecord:
         "response_code",
         "route_name",
         "start",
+        "trace",
         "tries",
         "upstream_host",
         "upstream_service_time",
@@ -64,6 +65,9 @@ class RequestRecord:
         # Every upstream try: (endpoint, outcome, start, seconds); the outcome is the response
         # status or the classifier's failure name (core/classify.py); start is loop time.
         self.tries: list[tuple[str, str, float, float]] = []
+        # A sampled request's trace (layers/tracing.py RequestTrace): the ids its spans get.
+        # None for an unsampled request, which gets no span.
+        self.trace: object | None = None
 
     def add_flag(self, flag: str) -> None:
         if flag and flag not in self.flags:

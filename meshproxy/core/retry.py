@@ -188,8 +188,8 @@ def retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
     status = outcome.status
     if status is None:
         return False
-    if outcome.overloaded:
-        return False  # Envoy does not retry an upstream's x-envoy-overloaded answer
+    # An upstream's x-envoy-overloaded answer is retried like any other (Envoy >= 1.15: "allow
+    # retries by default when upstream responds with x-envoy-overloaded").
     if outcome.header(b"x-envoy-ratelimited") is not None:
         # Envoy (wouldRetryFromHeaders): a rate-limited answer is retried only under
         # envoy-ratelimited, whatever else the policy says.
@@ -230,9 +230,7 @@ class RetryState:
         self.attempts = 1  # the first attempt is under way when the state is created
 
     def decide(self, outcome: Outcome) -> Verdict:
-        if outcome.success and not retriable(self.policy, outcome):
-            return Verdict.DONE
-        if not self.policy.enabled or not retriable(self.policy, outcome):
+        if not self.policy.retry_on or not retriable(self.policy, outcome):
             return Verdict.DONE
         if self.attempts > self.policy.num_retries:
             return Verdict.EXHAUSTED

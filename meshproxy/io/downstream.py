@@ -224,6 +224,8 @@ class DownstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         phase = self.phase
         if phase == Phase.TUNNEL:
+            if self.record is not None:
+                self.record.bytes_received += len(data)
             if self.upstream is not None:
                 self.upstream.write(data)
             return
@@ -319,6 +321,7 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self.pool = pool
         record.upstream_host = pool.endpoint.key
+        record.attempts += 1  # every try counts, even one that never gets a connection (Envoy)
         self._try_start = self.loop.time()
         self._try_outcome = ""
         try:
@@ -356,11 +359,13 @@ class DownstreamConnection(asyncio.Protocol):
         self.upstream = conn
         conn.sink = self
         conn.requests += 1
-        record.attempts += 1
         self._reused = reused
+        self.pool.state.connected(self.pool)
         head = forward.head
         if record.attempts > 1:
             head = _with_attempt_count(head, record.attempts)
+        if forward.head_for_try is not None:  # this try's trace context (its CLIENT span)
+            head = forward.head_for_try(head, len(record.tries))
         codec = conn.codec
         try:
             chunks = [codec.send_head(head)]
@@ -447,7 +452,9 @@ class DownstreamConnection(asyncio.Protocol):
             return False
         state = (pool or forward.pool).state
         if not state.limits.try_retry():
-            state.retry_overflows += 1  # Envoy upstream_rq_retry_overflow: no retry, no URX
+            # Envoy upstream_rq_retry_overflow: the answer stands, flagged UpstreamOverflow.
+            state.retry_overflows += 1
+            record.add_flag("UO")
             return False
         state.retries += 1
         previous = pool or forward.pool
@@ -579,6 +586,8 @@ class DownstreamConnection(asyncio.Protocol):
         transport, record = self.transport, self.record
         if transport is None or record is None or self.phase != Phase.ACTIVE:
             return
+        if not self.response_started:
+            return  # the body of a response that was not forwarded (its try is being retried)
         record.bytes_sent += len(data)
         self._out.extend(self.codec.send_body(data))
 
@@ -702,6 +711,9 @@ class DownstreamConnection(asyncio.Protocol):
         extra = error.headers
         if error.flag == "UO":
             extra = (*extra, (b"x-envoy-overloaded", b"true"))
+        if record.attempts:
+            # The router's own replies say how many tries were made, as its responses do.
+            extra = (*extra, (b"x-envoy-attempt-count", b"%d" % record.attempts))
         head = ResponseHead(
             status=error.status_hint,
             headers=self.listener.local_reply_headers(body, close, extra),

@@ -10,6 +10,7 @@ Rules: plain synchronous calls; a handler raises ``ProxyError`` to answer with a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,9 @@ class Forward:
     mirrors: tuple[tuple[EndpointPool, RequestHead], ...] = ()  # shadow copies to send
     abort: ProxyError | None = None  # fault injection: answer this once the delay is over
     retry: RetryState | None = None  # this request's retries (None: the policy allows none)
+    # The head for try N (0-based, the try's index in record.tries): a sampled request's trace
+    # context names each try's own CLIENT span as the upstream's parent. None: ``head`` as is.
+    head_for_try: Callable[[RequestHead, int], RequestHead] | None = None
 
 
 class Handler(Protocol):

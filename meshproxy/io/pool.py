@@ -133,7 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _process(self, sink: ResponseSink) -> None:
         codec = self.codec
         try:
-            while True:
+            while self.sink is sink:  # the request may let go of us (a retry) mid-read
                 event = codec.next_event()
                 if type(event) is Body:
                     sink.on_response_body(event.data)
@@ -286,6 +286,14 @@ class ClusterState:
         if len(chosen) == len(self.pools):
             return self.pools
         return [self.pools[i] for i in chosen]
+
+    def connected(self, pool: EndpointPool) -> None:
+        """A try got its connection: in split mode this clears the local-origin count (Envoy
+        reports connect success from onPoolReady)."""
+        outlier = self.outlier
+        if outlier is not None and outlier.settings.split_external_local_origin_errors:
+            now = asyncio.get_running_loop().time()
+            outlier.record(pool.index, status=None, local_origin_failure=False, now=now)
 
     def record(self, pool: EndpointPool, outcome: Outcome, now: float) -> None:
         if self.outlier is not None and outcome.failure is not Failure.OVERFLOW:
@@ -498,8 +506,10 @@ class EndpointPool:
             self.state.limits.release_connection()
         if conn in self.idle:
             self.idle.remove(conn)
-        # A connection slot came free: a request queued behind maxConnections can have it.
-        if self.waiters and self.state.limits.try_connection():
+        # A connection slot came free: a request queued behind maxConnections can have it
+        # (waiters with a timer are queued; the others already have a connect in flight).
+        queued = any(handle is not None for handle in self.waiters.values())
+        if queued and self.state.limits.try_connection():
             self._spawn_connect()
 
     async def connect(self) -> UpstreamConnection:

@@ -137,7 +137,7 @@ class Router:
         table = self._table
         vs = table.lookup(host) if table is not None and table.virtual_services else None
         if vs is None:
-            return self._default(head, authority)
+            return self._default(head, authority, record)
         if port is None:
             service = self._hosts.service(vs.hosts[0]) if vs.hosts else None
             port = service.default.port if service is not None else 80
@@ -230,11 +230,12 @@ class Router:
             retry_policy=route.retry_policy,
         )
 
-    def _default(self, head: RequestHead, authority: str) -> Decision:
+    def _default(self, head: RequestHead, authority: str, record: RequestRecord) -> Decision:
         found = self._hosts.resolve(authority)
         if type(found) is Target:
             target = found
         elif found is Miss.BLACKHOLE:
+            record.cluster = "BlackHoleCluster"  # Istio's name, for logs and metrics
             raise BlackHole(f"{authority} is not in the registry (REGISTRY_ONLY)")
         else:
             host, port = split_authority(authority, 80)

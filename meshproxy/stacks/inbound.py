@@ -18,11 +18,12 @@ from meshproxy.core.routing import Cluster
 from meshproxy.io.handler import Forward
 from meshproxy.io.pool import EndpointPool, PoolManager
 from meshproxy.layers.headers import plan_request, response_head, timeout_seconds
+from meshproxy.layers.tracing import TracingStep
 from meshproxy.telemetry.sinks import RecordSink
 
 
 class InboundStack:
-    __slots__ = ("_cluster", "_pool", "_rng", "_sinks")
+    __slots__ = ("_cluster", "_pool", "_rng", "_sinks", "_tracing")
 
     def __init__(
         self,
@@ -30,7 +31,9 @@ class InboundStack:
         pools: PoolManager,
         rng: random.Random,
         sinks: Sequence[RecordSink] = (),
+        tracing: TracingStep | None = None,
     ) -> None:
+        self._tracing = tracing
         self._cluster = cluster
         self._pool = pools.pools(cluster)[0]
         self._rng = rng
@@ -43,12 +46,17 @@ class InboundStack:
     def on_request(self, head: RequestHead, record: RequestRecord) -> Forward:
         # 1. Headers: hop-by-hop removal, request id, x-forwarded-proto; Host is the app's concern.
         plan = plan_request(head, record, self._rng)
-        # 2. Route: inbound traffic has one destination, the local app.
+        head = plan.head
+        # 2. Trace: the caller's context and sampling decision; a sampled request's SERVER span
+        #    becomes the parent the app sees.
+        if self._tracing is not None:
+            head, _ = self._tracing.on_request(head, record)
+        # 3. Route: inbound traffic has one destination, the local app.
         record.cluster = self._cluster.name
-        # 3. Deadline: none by default (Istio); Envoy's request header may set one.
+        # 4. Deadline: none by default (Istio); Envoy's request header may set one.
         timeout = timeout_seconds(plan.timeout_ms)
         return Forward(
-            head=plan.head,
+            head=head,
             pool=self._pool,
             timeout=timeout,
             websocket=plan.websocket,

@@ -23,11 +23,12 @@ from meshproxy.io.pool import EndpointPool, PoolManager
 from meshproxy.layers.balance import NO_KEY, EndpointPicker, HashKey, balance_layer
 from meshproxy.layers.headers import plan_request, response_head, timeout_seconds
 from meshproxy.layers.route import Router
+from meshproxy.layers.tracing import TracingStep, route_operation
 from meshproxy.telemetry.sinks import RecordSink
 
 
 class OutboundStack:
-    __slots__ = ("_balance", "_clock", "_pools", "_rng", "_sinks", "router")
+    __slots__ = ("_balance", "_clock", "_pools", "_rng", "_sinks", "_tracing", "router")
 
     def __init__(
         self,
@@ -37,8 +38,10 @@ class OutboundStack:
         rng: random.Random,
         clock: Clock,
         sinks: Sequence[RecordSink] = (),
+        tracing: TracingStep | None = None,
     ) -> None:
         self._pools = pools
+        self._tracing = tracing
         self._rng = rng
         self._clock = clock
         self.router = Router(hosts, routes, rng)
@@ -54,12 +57,24 @@ class OutboundStack:
         # 1. Headers first: the absolute-form target, hop-by-hop removal and the request id give
         #    the authority that routing reads and the head that goes upstream.
         plan = plan_request(head, record, self._rng)
+        head = plan.head
+        # 1b. Trace: read the app's context and decide sampling before routing, so local replies
+        #     (NR, faults, UH) are traced too and mirrors carry the context; a sampled request's
+        #     tries each get their own CLIENT span id as the edge builds their heads.
+        trace = None
+        if self._tracing is not None:
+            head, trace = self._tracing.on_request(head, record)
         # 2. Route: the VirtualService rule (or the host's own cluster) picks the destination and
         #    rewrites the head; redirects, direct responses, CORS preflights and fault aborts end
         #    the request here, before any upstream work.
-        decision = self.router.route(plan.head, plan.authority, record)
+        decision = self.router.route(head, plan.authority, record)
         target = decision.target
         record.cluster = target.cluster.name
+        if trace is not None:  # spans are named as Istio names the route (sampled only)
+            view = None
+            if decision.route is not None and len(decision.route.blocks) > 1:
+                view = self.router.view(head, plan.authority, target.port)
+            trace.operation = route_operation(decision, view)
         # 3. Balance: cluster -> endpoint under the DestinationRule's loadBalancer, after routing
         #    fixed the cluster (503 UH when the cluster, or its subset, has no endpoint).
         key = self._hash_key(target, decision.head, record)
@@ -75,7 +90,8 @@ class OutboundStack:
         policy = decision.retry_policy
         if plan.retry_headers is not None:
             policy = with_headers(policy, plan.retry_headers)
-        retry = RetryState(policy, self._rng) if policy.enabled else None
+        # x-envoy-max-retries: 0 keeps the policy's state with no retry left, so URX is set.
+        retry = RetryState(policy, self._rng) if policy.retry_on else None
         # 6. Mirrors: copies go to their own endpoints, chosen now, sent once the request is read.
         mirrors = tuple(
             (self._endpoint(Target(cluster=c, host=target.host, port=c.port), NO_KEY, -1), h)
@@ -95,6 +111,7 @@ class OutboundStack:
             mirrors=mirrors,
             abort=decision.abort,
             retry=retry,
+            head_for_try=trace.head_for_try if trace is not None else None,
         )
 
     def _hash_key(self, target: Target, head: RequestHead, record: RequestRecord) -> HashKey:

@@ -338,12 +338,13 @@ _CASES: list[tuple[str, Outcome, bool]] = [
     ("5xx", OVERFLOW, False),
     ("reset", OVERFLOW, False),
     ("connect-failure", OVERFLOW, False),
-    # An upstream's x-envoy-overloaded answer is never retried.
-    (_EVERYTHING, response(503, (OVERLOADED,)), False),
-    ("5xx", response(503, (OVERLOADED,)), False),
-    ("gateway-error", response(503, (OVERLOADED,)), False),
-    ("503", response(503, (OVERLOADED,)), False),
-    ("unavailable", response(200, (OVERLOADED, (b"grpc-status", b"14"))), False),
+    # An upstream's x-envoy-overloaded answer is retried like any other since Envoy 1.15
+    # ("router: allow retries by default when upstream responds with x-envoy-overloaded").
+    (_EVERYTHING, response(503, (OVERLOADED,)), True),
+    ("5xx", response(503, (OVERLOADED,)), True),
+    ("gateway-error", response(503, (OVERLOADED,)), True),
+    ("503", response(503, (OVERLOADED,)), True),
+    ("unavailable", response(200, (OVERLOADED, (b"grpc-status", b"14"))), True),
 ]
 
 
@@ -430,7 +431,9 @@ def test_max_retries_header_replaces_the_count() -> None:
 def test_max_retries_zero_disables_the_routes_retries() -> None:
     p = with_headers(DEFAULT, RetryHeaders(max_retries=0))
     assert not p.enabled
-    assert RetryState(p, random.Random(1)).decide(CONNECT) is Verdict.DONE
+    # Envoy keeps the retry state with none left: a retriable outcome is "limit exceeded" (URX).
+    assert RetryState(p, random.Random(1)).decide(CONNECT) is Verdict.EXHAUSTED
+    assert RetryState(p, random.Random(1)).decide(response(200)) is Verdict.DONE
 
 
 def test_header_only_retries_default_to_one() -> None:
@@ -691,7 +694,7 @@ def test_an_outcome_the_policy_does_not_retry_is_done_not_exhausted() -> None:
     assert _drive(DEFAULT, [response(503)]) == ([Verdict.DONE], 1)
     assert _drive(DEFAULT, [CONNECT, RESET]) == ([Verdict.RETRY, Verdict.DONE], 2)
     assert _drive(policy("5xx"), [OVERFLOW]) == ([Verdict.DONE], 1)
-    assert _drive(policy("5xx"), [response(503, (OVERLOADED,))]) == ([Verdict.DONE], 1)
+    assert _drive(DEFAULT, [response(503, (OVERLOADED,))]) == ([Verdict.DONE], 1)
 
 
 def test_a_retriable_answer_below_500_is_retried() -> None:
@@ -854,7 +857,7 @@ def test_retries_never_exceed_attempts(
             assert tries <= 1 + p.num_retries
             continue
         if verdict is Verdict.EXHAUSTED:
-            assert p.enabled and retriable(p, outcome)
+            assert p.retry_on and retriable(p, outcome)
             assert tries == 1 + p.num_retries
         else:
             assert verdict is Verdict.DONE

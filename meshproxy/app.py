@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from meshproxy import __version__
+from meshproxy.config.istio import metrics_enabled
 from meshproxy.config.model import AccessLogFormat, MeshConfig
 from meshproxy.core.explain import explain_request, to_json
 from meshproxy.core.record import Direction
@@ -144,7 +145,8 @@ class App:
             cluster_snapshots=lambda: [s.snapshot(loop.time()) for s in pools.states()],
             listener_snapshots=lambda: [(n, lst.active) for n, lst in self.listeners.items()],
         )
-        sinks.append(self.metrics.sink)
+        if metrics_enabled(self.config):  # a Telemetry resource may turn Istio's metrics off
+            sinks.append(self.metrics.sink)
         self.dashboard = Dashboard(
             lambda: [s.snapshot(loop.time()) for s in pools.states()], loop.time
         )

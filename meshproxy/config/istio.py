@@ -532,3 +532,49 @@ def _check_virtual_service(
             _check_destination(
                 chk, vs, f"{prefix}.route[{j}].destination", dest.destination, hosts, subsets
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Telemetry resources: which apply to this proxy (istio/api telemetry.proto "precedence").
+
+ROOT_NAMESPACE = "istio-system"
+
+
+def applicable_telemetries(config: MeshConfig) -> list[Telemetry]:
+    """The ``Telemetry`` resources that apply to this proxy, most specific first (Istio's
+    precedence: a workload selector in the proxy's namespace, then the namespace-wide one, then
+    the mesh-wide one in the root namespace); within a level, in file order. Resources with
+    ``targetRefs`` select gateways and services, not sidecars, and are left out."""
+    meta = config.bootstrap.metadata
+    labels = meta.labels
+    workload: list[Telemetry] = []
+    namespace: list[Telemetry] = []
+    mesh: list[Telemetry] = []
+    for tm in config.telemetries:
+        spec = tm.spec
+        if spec.target_refs:
+            continue
+        ns = tm.metadata.namespace or meta.namespace
+        selector = spec.selector.match_labels if spec.selector is not None else {}
+        if selector:
+            if ns in (meta.namespace, ROOT_NAMESPACE) and all(
+                labels.get(k) == v for k, v in selector.items()
+            ):
+                workload.append(tm)
+        elif ns == meta.namespace:
+            namespace.append(tm)
+        elif ns == ROOT_NAMESPACE:
+            mesh.append(tm)
+    return [*workload, *namespace, *mesh]
+
+
+def metrics_enabled(config: MeshConfig) -> bool:
+    """Istio's standard metrics are on unless the most specific Telemetry that configures
+    ``metrics`` disables them all (an override with ``disabled: true`` and no metric match)."""
+    for tm in applicable_telemetries(config):
+        for metrics in tm.spec.metrics:
+            for override in metrics.overrides:
+                everything = override.match is None or override.match.metric in ("", "ALL_METRICS")
+                if everything and override.disabled is not None:
+                    return not override.disabled
+    return True

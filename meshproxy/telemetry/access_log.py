@@ -47,11 +47,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
+from meshproxy.config.istio import applicable_telemetries
 from meshproxy.config.model import (
     AccessLogFormat,
     AccessLogging,
     MeshConfig,
-    Telemetry,
 )
 from meshproxy.core.record import Direction, RequestRecord
 
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 # Istio's root configuration namespace (meshConfig.rootNamespace default): a Telemetry there
 # without a selector applies to the whole mesh.
-ROOT_NAMESPACE = "istio-system"
 # Istio's built-in access log provider writes to the proxy's stdout (MeshConfig accessLogFile).
 DEFAULT_PATH = "/dev/stdout"
 # Lines waiting for the writer thread; beyond this a line is dropped and counted.
@@ -234,34 +233,6 @@ class AccessLogPlan:
     directions: frozenset[Direction] = frozenset(Direction)
     # CEL filter expression per direction; a direction absent here logs every request.
     filters: Mapping[Direction, str] | None = None
-
-
-def applicable_telemetries(config: MeshConfig) -> list[Telemetry]:
-    """The ``Telemetry`` resources that apply to this proxy, most specific first (Istio's
-    precedence: a workload selector in the proxy's namespace, then the namespace-wide one, then
-    the mesh-wide one in the root namespace); within a level, in file order. Resources with
-    ``targetRefs`` select gateways and services, not sidecars, and are left out."""
-    meta = config.bootstrap.metadata
-    labels = meta.labels
-    workload: list[Telemetry] = []
-    namespace: list[Telemetry] = []
-    mesh: list[Telemetry] = []
-    for tm in config.telemetries:
-        spec = tm.spec
-        if spec.target_refs:
-            continue
-        ns = tm.metadata.namespace or meta.namespace
-        selector = spec.selector.match_labels if spec.selector is not None else {}
-        if selector:
-            if ns in (meta.namespace, ROOT_NAMESPACE) and all(
-                labels.get(k) == v for k, v in selector.items()
-            ):
-                workload.append(tm)
-        elif ns == meta.namespace:
-            namespace.append(tm)
-        elif ns == ROOT_NAMESPACE:
-            mesh.append(tm)
-    return [*workload, *namespace, *mesh]
 
 
 def _covers(entry: AccessLogging, direction: Direction) -> bool:

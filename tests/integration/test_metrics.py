@@ -451,3 +451,22 @@ async def test_real_prometheus_scrapes_rate_and_p99(tmp_path: Path) -> None:
     if below == 0 and within == total:
         assert p99 == pytest.approx(49.75)
     assert all('response_code=~"5.."' in expr for expr in empty), empty
+
+
+async def test_a_telemetry_resource_can_turn_istio_metrics_off() -> None:
+    import httpx
+    from helpers import bootstrap, join, proxy, service_entry, upstream
+
+    off = (
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: no-metrics, namespace: default}\n"
+        "spec:\n  metrics:\n  - providers: [{name: prometheus}]\n"
+        "    overrides: [{disabled: true}]\n"
+    )
+    async with upstream() as up:
+        config = join(bootstrap(), service_entry("svc", [up.port]), off)
+        async with proxy(config) as px, httpx.AsyncClient() as client:
+            assert (await client.get(px.url, headers={"host": "svc"})).status_code == 200
+            text = (await client.get(f"http://127.0.0.1:{px.admin_port}/stats/prometheus")).text
+    assert "istio_requests_total{" not in text  # no series recorded
+    assert "meshproxy_cluster_upstream_rq_total" in text  # the proxy's own internals stay

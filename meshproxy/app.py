@@ -25,7 +25,7 @@ from typing import TextIO
 
 from meshproxy import __version__
 from meshproxy.config.istio import metrics_enabled
-from meshproxy.config.model import AccessLogFormat, MeshConfig
+from meshproxy.config.model import AccessLogFormat, MeshConfig, yaml_key
 from meshproxy.core.explain import explain_request, to_json
 from meshproxy.core.record import Direction
 from meshproxy.core.routetable import RouteTable
@@ -55,7 +55,7 @@ def to_jsonable(value: object) -> object:
             item = getattr(value, f.name)
             if item is None or item == () or (isinstance(item, Mapping) and not item):
                 continue
-            key = f.metadata.get("yaml") or _camel(f.name)
+            key = f.metadata.get("yaml") or yaml_key(f.name)
             out[key] = "[redacted]" if f.name in _SECRET_FIELDS else to_jsonable(item)
         return out
     if isinstance(value, enum.Enum):
@@ -65,11 +65,6 @@ def to_jsonable(value: object) -> object:
     if isinstance(value, tuple | list):
         return [to_jsonable(v) for v in value]
     return value
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.rstrip("_").split("_")
-    return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
 class State(enum.Enum):

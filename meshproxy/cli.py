@@ -32,6 +32,17 @@ from meshproxy.io.loop import loop_factory
 log = logging.getLogger("meshproxy")
 
 
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a YAML file or a directory of them; repeat for more",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
@@ -44,14 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy on a configuration")
-    run.add_argument(
-        "-c",
-        "--config",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="a YAML file or a directory of them; repeat for more",
-    )
+    _config_option(run)
     run.add_argument(
         "--access-log",
         metavar="FILE",
@@ -66,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     validate = sub.add_parser("validate", help="check a configuration and exit")
-    validate.add_argument("-c", "--config", action="append", required=True, metavar="PATH")
+    _config_option(validate)
 
     route = sub.add_parser(
         "route",
@@ -74,14 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Explain which VirtualService rule, destinations and endpoints a request "
         "would get, and why each earlier rule did not match. Nothing is sent.",
     )
-    route.add_argument(
-        "-c",
-        "--config",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="a YAML file or a directory of them; repeat for more",
-    )
+    _config_option(route)
     route.add_argument(
         "-H",
         "--header",

@@ -28,6 +28,7 @@ from meshproxy.config.model import (
     StringMatch,
     Telemetry,
     VirtualService,
+    yaml_key,
 )
 from meshproxy.errors import ConfigIssue
 
@@ -340,16 +341,13 @@ def _check_destination_rule(
             for name in ("interval", "base_ejection_time"):
                 value = getattr(od, name)
                 if value is not None and value < 0.001:
-                    chk.error(dr, f"{path}.outlierDetection.{_camel(name)}", "must be at least 1ms")
+                    chk.error(
+                        dr, f"{path}.outlierDetection.{yaml_key(name)}", "must be at least 1ms"
+                    )
             for name in ("max_ejection_percent", "min_health_percent"):
                 value = getattr(od, name)
                 if value is not None and not 0 <= value <= 100:
-                    chk.error(dr, f"{path}.outlierDetection.{_camel(name)}", "must be 0..100")
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+                    chk.error(dr, f"{path}.outlierDetection.{yaml_key(name)}", "must be 0..100")
 
 
 # RE2 (Envoy's regex engine) has no backreferences, lookaround or conditionals; Envoy rejects
@@ -437,7 +435,7 @@ def _check_route(
             _check_match(chk, vs, f"{mp}.{fname}", getattr(m, fname))
         for group in ("headers", "without_headers", "query_params"):
             for key, sm in getattr(m, group).items():
-                gp = key_path(f"{mp}.{_camel(group)}", key)
+                gp = key_path(f"{mp}.{yaml_key(group)}", key)
                 if group != "query_params" and key != key.lower():
                     chk.error(vs, gp, f"header name {key!r} must be lower case")
                 _check_match(chk, vs, gp, sm)

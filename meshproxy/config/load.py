@@ -35,6 +35,7 @@ from meshproxy.config.model import (
     ServiceEntry,
     Telemetry,
     VirtualService,
+    yaml_key,
 )
 from meshproxy.errors import ConfigError, ConfigIssue
 
@@ -115,11 +116,6 @@ def parse_host_port(text: str) -> HostPort:
     return HostPort(host=host, port=int(port_s))
 
 
-def camel(name: str) -> str:
-    head, *rest = name.rstrip("_").split("_")
-    return head + "".join(p[:1].upper() + p[1:] for p in rest)
-
-
 _render_path = istio.key_path
 
 
@@ -146,7 +142,7 @@ def _fields_of(cls: type) -> dict[str, _FieldInfo]:
         hints = typing.get_type_hints(cls)
         cached = {}
         for f in dataclasses.fields(cls):
-            key = f.metadata.get("yaml", camel(f.name))
+            key = f.metadata.get("yaml", yaml_key(f.name))
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             cached[key] = _FieldInfo(f.name, hints[f.name], required)
         _FIELDS_CACHE[cls] = cached

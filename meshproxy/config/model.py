@@ -26,6 +26,12 @@ Duration = NewType("Duration", float)
 EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
 
 
+def yaml_key(name: str) -> str:
+    """The YAML (Istio camelCase) key of a model field: ``max_connections`` -> ``maxConnections``."""
+    head, *rest = name.rstrip("_").split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
 def _no_map() -> Mapping[str, typing.Any]:
     return EMPTY_MAP
 

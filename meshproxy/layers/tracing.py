@@ -19,10 +19,10 @@ the form(s) the request arrived with, so an app that forwards only B3 keeps its 
 request creates no span object: an incoming context is forwarded unchanged, and a request without
 one gets a fresh not-sampled ``traceparent`` so every later hop keeps the same decision.
 
-Which ``Telemetry`` applies (a simplification of Istio's inheritance): the root namespace's
-(``istio-system``, no selector), then the workload namespace's (no selector), then one in the
-workload namespace whose ``selector.matchLabels`` match the bootstrap's labels; each level's first
-``tracing`` entry whose ``match.mode`` covers the direction overrides the fields it sets.
+Which ``Telemetry`` applies is ``config/istio.py``'s precedence (mesh-wide in the root namespace
+``istio-system``, then the proxy's namespace, then a ``selector`` matching the bootstrap's labels);
+from the least specific to the most, the first ``tracing`` entry whose ``match.mode`` covers the
+direction overrides the fields it sets (sampling percentage, span reporting, custom tags).
 
 Tracing is off (no step in the stacks, headers untouched, as Envoy without a tracer) when the
 bootstrap's ``spec.telemetry.tracing.exporter`` is ``none``; ``x-request-id`` is the header step's.
@@ -37,16 +37,16 @@ import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from meshproxy.config.model import MeshConfig, Telemetry, Tracing
+from meshproxy.config.istio import applicable_telemetries
+from meshproxy.config.model import MeshConfig, Tracing
 from meshproxy.core.http1 import Header, HeaderList, RequestHead
 from meshproxy.core.match import RequestView
 from meshproxy.core.record import Direction, RequestRecord
 from meshproxy.core.routing import split_authority
 from meshproxy.layers.route import Decision
 
-# Istio's meshConfig.rootNamespace default: a Telemetry there applies mesh-wide.
-ROOT_NAMESPACE = "istio-system"
 # Istio's default randomSamplingPercentage (PILOT_TRACE_SAMPLING, reference §1.6 and §3.2).
 DEFAULT_SAMPLING = 1.0
 
@@ -89,9 +89,8 @@ B3_MULTI = 1
 B3_SINGLE = 2
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Context:
-    """A propagated trace context as read from a request."""
+class Context(NamedTuple):
+    """A propagated trace context as read from a request (a tuple: cheap to build)."""
 
     trace_id: int = 0  # 0: none (a decision without ids, e.g. `b3: 1` or `x-b3-sampled: 0`)
     span_id: int = 0  # the caller's span: the parent of ours
@@ -110,7 +109,7 @@ def _hex_id(value: bytes, lengths: tuple[int, ...]) -> int:
     return int(value, 16)
 
 
-def parse_traceparent(value: bytes) -> Context | None:
+def _w3c(value: bytes) -> tuple[int, int, bool] | None:
     m = _W3C.fullmatch(value.strip())
     if m is None:
         return None
@@ -120,7 +119,12 @@ def parse_traceparent(value: bytes) -> Context | None:
     trace_id, span_id = int(trace, 16), int(span, 16)
     if not trace_id or not span_id:
         return None
-    return Context(trace_id=trace_id, span_id=span_id, sampled=bool(int(flags, 16) & 1))
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+def parse_traceparent(value: bytes) -> Context | None:
+    ids = _w3c(value)
+    return None if ids is None else Context(ids[0], ids[1], ids[2])
 
 
 def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> bytes:
@@ -169,8 +173,7 @@ def parse_b3_multi(
     return Context(trace_id=trace_id, span_id=span_id, sampled=decision, b3=B3_MULTI)
 
 
-@dataclass(slots=True)
-class Extracted:
+class Extracted(NamedTuple):
     """What the trace step read from a request's headers in its one pass."""
 
     context: Context
@@ -217,32 +220,28 @@ def extract(headers: HeaderList) -> Extracted:
     b3_form = (B3_SINGLE if single is not None else 0) | (
         B3_MULTI if b3_trace is not None or b3_span is not None or b3_sampled is not None else 0
     )
-    context: Context | None = None
+    seen = traceparent is not None or b3_form != 0
     if traceparent is not None and tp_count == 1:
-        context = parse_traceparent(traceparent)
-        if context is not None:
-            state = b",".join(tracestate).decode("latin-1")
-            context = Context(
-                trace_id=context.trace_id,
-                span_id=context.span_id,
-                sampled=context.sampled,
-                tracestate=state,
-                b3=b3_form,
-            )
-    if context is None and single is not None:
+        ids = _w3c(traceparent)
+        if ids is not None:
+            state = b",".join(tracestate).decode("latin-1") if tracestate else ""
+            return Extracted(Context(*ids, state, b3_form), forced, operation, seen)
+    context: Context | None = None
+    if single is not None:
         context = parse_b3_single(single)
     if context is None and b3_form & B3_MULTI:
         context = parse_b3_multi(b3_trace, b3_span, b3_sampled, b3_flags)
-    if context is not None and context.b3 != b3_form:
-        context = Context(
-            trace_id=context.trace_id,
-            span_id=context.span_id,
-            sampled=context.sampled,
-            tracestate=context.tracestate,
-            b3=b3_form,
-        )
-    seen = traceparent is not None or b3_form != 0
-    return Extracted(context or _EMPTY, forced, operation, seen)
+    if context is None:
+        return Extracted(_EMPTY, forced, operation, seen)
+    if context.b3 != b3_form:
+        context = Context(context.trace_id, context.span_id, context.sampled, "", b3_form)
+    return Extracted(context, forced, operation, seen)
+
+
+_NOTHING = Extracted(_EMPTY)
+_MASK64 = (1 << 64) - 1
+# One bit set in each of a fresh trace id and span id: never all-zero, and still 127/63 random bits.
+_NONZERO = 1 | (1 << 64)
 
 
 def _new_id(rng: random.Random, bits: int) -> int:
@@ -343,53 +342,17 @@ def _covers(entry: Tracing, mode: str) -> bool:
     return m in ("", "CLIENT_AND_SERVER", mode)
 
 
-def _selects(tm: Telemetry, labels: Mapping[str, str]) -> bool:
-    sel = tm.spec.selector
-    if sel is None or not sel.match_labels:
-        return False
-    return all(labels.get(k) == v for k, v in sel.match_labels.items())
-
-
-def _levels(config: MeshConfig) -> list[Telemetry | None]:
-    """Root namespace, then the namespace, then the workload: each level's first Telemetry."""
-    meta = config.bootstrap.metadata
-    ns, labels = meta.namespace, meta.labels
-
-    def first(pick: list[Telemetry]) -> Telemetry | None:
-        return pick[0] if pick else None
-
-    unselected = [
-        t
-        for t in config.telemetries
-        if t.spec.tracing and (t.spec.selector is None or not t.spec.selector.match_labels)
-    ]
-    root = first([t for t in unselected if t.metadata.namespace == ROOT_NAMESPACE])
-    local = (
-        first([t for t in unselected if t.metadata.namespace == ns])
-        if ns != ROOT_NAMESPACE
-        else None
-    )
-    workload = first(
-        [
-            t
-            for t in config.telemetries
-            if t.spec.tracing and t.metadata.namespace == ns and _selects(t, labels)
-        ]
-    )
-    return [root, local, workload]
-
-
 def tracing_policy(
     config: MeshConfig, direction: Direction, environ: Mapping[str, str]
 ) -> TracingPolicy:
-    """The effective tracing settings: less specific levels first, each set field overriding."""
+    """The effective tracing settings: the applicable Telemetry resources (config/istio.py's
+    precedence) from the least specific to the most, each one's first entry for this direction
+    overriding the fields it sets (within a level the first in file order wins)."""
     mode = "CLIENT" if direction is Direction.OUTBOUND else "SERVER"
     percentage = DEFAULT_SAMPLING
     report = True
     custom = None
-    for tm in _levels(config):
-        if tm is None:
-            continue
+    for tm in reversed(applicable_telemetries(config)):
         entry = next((e for e in tm.spec.tracing if _covers(e, mode)), None)
         if entry is None:
             continue
@@ -421,7 +384,7 @@ def tracing_policy(
 class TracingStep:
     """Per request: read the context, decide, and either start a ``RequestTrace`` or propagate."""
 
-    __slots__ = ("_default_port", "_policy", "_rng", "_server", "percentage")
+    __slots__ = ("_default_port", "_policy", "_report", "_rng", "_server", "percentage")
 
     def __init__(
         self,
@@ -431,6 +394,7 @@ class TracingStep:
         default_port: int = 80,
     ) -> None:
         self._policy = policy
+        self._report = policy.report
         self._rng = rng
         self._server = direction is Direction.INBOUND
         self._default_port = default_port
@@ -450,30 +414,47 @@ class TracingStep:
     ) -> tuple[RequestHead, RequestTrace | None]:
         """The head to route and forward, and the request's trace when it is sampled.
 
-        Outbound, a sampled request's head is returned unchanged: each try's head gets its own
-        CLIENT span id through ``RequestTrace.head_for_try``.
+        ``head`` is the header step's own copy (``plan_request`` built its header list): a fresh
+        not-sampled context is appended to that list in place, the cheapest way on the path
+        nearly every request takes. Outbound, a sampled request's head is returned unchanged:
+        each try's head gets its own CLIENT span id through ``RequestTrace.head_for_try``.
         """
-        extracted = extract(head.headers)
+        headers = head.headers
+        for h in headers:
+            if h[0] in _READ:
+                extracted = extract(headers)
+                return self._with_context(head, record, extracted, self.sampled(extracted))
+        # Most requests: no context, nothing forced; only the random draw decides.
+        pct = self.percentage
+        rng = self._rng
+        sampled = pct >= 100.0 or (pct > 0.0 and rng.random() * 100.0 < pct)
+        if sampled and self._report:
+            return self._with_context(head, record, _NOTHING, True)
+        # Start a context so every later hop keeps this decision (Envoy injects its own span's
+        # context, sampled or not): appended to the header step's own list.
+        bits = rng.getrandbits(192) | _NONZERO
+        fresh = (
+            _TRACEPARENT,
+            b"00-%032x-%016x-%s" % (bits >> 64, bits & _MASK64, b"01" if sampled else b"00"),
+        )
+        if isinstance(headers, list):
+            headers.append(fresh)
+            return head, None
+        return _with_headers(head, [*headers, fresh]), None
+
+    def _with_context(
+        self, head: RequestHead, record: RequestRecord, extracted: Extracted, sampled: bool
+    ) -> tuple[RequestHead, RequestTrace | None]:
         context = extracted.context
-        sampled = self.sampled(extracted)
         policy = self._policy
         if not (sampled and policy.report):
             if context.trace_id:
                 return head, None  # propagate the caller's context as it came
-            # No context: start one so every later hop keeps this decision (Envoy injects its
-            # own span's context, sampled or not). A bare B3 decision is replaced by it.
-            headers: list[Header] = (
-                [h for h in head.headers if h[0] not in _REWRITTEN]
-                if extracted.seen
-                else list(head.headers)
-            )
-            headers.append(
-                (
-                    _TRACEPARENT,
-                    format_traceparent(_new_id(self._rng, 128), _new_id(self._rng, 64), sampled),
-                )
-            )
-            return _with_headers(head, headers), None
+            # A bare B3 decision (or an invalid context) is replaced by a fresh W3C one.
+            bits = self._rng.getrandbits(192) | _NONZERO
+            out = [h for h in head.headers if h[0] not in _REWRITTEN]
+            out.append((_TRACEPARENT, format_traceparent(bits >> 64, bits & _MASK64, sampled)))
+            return _with_headers(head, out), None
         trace = RequestTrace(
             self._rng,
             context.trace_id or _new_id(self._rng, 128),

@@ -253,15 +253,12 @@ class SpanReporter:
             "http.request.method": record.method,
             "url.path": path.partition("?")[0],
             "url.full": f"http://{authority}{path}"[:MAX_PATH_TAG],
-            "url.scheme": "http",
-            "network.protocol.name": "http",
             "network.protocol.version": "1.1",
             "server.address": host or authority,
             "http.request.body.size": record.bytes_received,
             "http.response.body.size": record.bytes_sent,
             # Envoy's own tags (docs: tracing "Envoy span tags").
             "upstream_cluster": record.cluster,
-            "upstream_cluster.name": record.cluster,
             "guid:x-request-id": record.request_id,
         }
         if port:

@@ -240,6 +240,19 @@ def test_random_sampling_percentage(percentage: float) -> None:
     assert abs(hits - expected) <= max(4 * (expected * (1 - percentage / 100)) ** 0.5, 0.5)
 
 
+@pytest.mark.parametrize("percentage", [0.0, 1.0, 25.0, 100.0])
+@pytest.mark.parametrize("direction", [Direction.OUTBOUND, Direction.INBOUND])
+def test_the_step_traces_the_sampled_share_of_requests(
+    percentage: float, direction: Direction
+) -> None:
+    """Once decided, a request is traced: the draw happens once per request."""
+    s = step(direction, percentage=percentage, seed=11)
+    n = 20_000
+    traced = sum(s.on_request(head(), record(direction))[1] is not None for _ in range(n))
+    expected = n * percentage / 100
+    assert abs(traced - expected) <= max(4 * (expected * (1 - percentage / 100)) ** 0.5, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The step: what goes upstream, and when a trace is started
 

@@ -741,13 +741,23 @@ _TOKENS = [
 ]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,  # the same examples on every CI run; fuzz deeper in benchmarks/
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(st.lists(st.binary(min_size=1, max_size=64), max_size=8))
 def test_server_codec_raises_only_bad_request_on_arbitrary_bytes(chunks: list[bytes]) -> None:
     _exercise(chunks)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,  # the same examples on every CI run; fuzz deeper in benchmarks/
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     st.lists(st.sampled_from(_TOKENS) | st.binary(min_size=1, max_size=8), max_size=24),
     st.integers(min_value=1, max_value=64),

@@ -7,11 +7,14 @@ One command, one run, same machine, same upstream:
 
 It starts a 1 KiB keep-alive upstream (nginx, or benchmarks/upstream.py when nginx is
 missing), meshproxy (`python -m meshproxy run -c CONFIG`) and Envoy (`--concurrency 1`,
-an equivalent static config), then runs `wrk -t1 -cN -dDs --latency` against each target,
-interleaved (direct, meshproxy, envoy, direct, ...) `repeats` times per connection count,
-and reports the medians of req/s, p50 and p99, the RSS of each process tree and the
-CPU time each target process tree spent per request. Results go to a Markdown file; any
-hand-written text below the `<!-- notes -->` marker line in that file is preserved.
+an equivalent static config), each at several telemetry levels (none; Istio's defaults;
+metrics, 100% tracing and access logs), plus a local OTLP/HTTP sink (benchmarks/otlp_sink.py)
+the tracers export to. It then runs `wrk -t1 -cN -dDs --latency` against each target,
+interleaved (direct, meshproxy, meshproxy-default, ..., envoy-full, direct, ...) `repeats`
+times per connection count, and reports the medians of req/s, p50 and p99, the RSS of each
+process tree, the CPU time each target process tree spent per request and what each target's
+telemetry delivered (span batches at the sink, access log lines). Results go to a Markdown
+file; any hand-written text below the `<!-- notes -->` marker line in that file is preserved.
 See benchmarks/README.md.
 """
 
@@ -46,17 +49,73 @@ REPO_ROOT = BENCH_DIR.parent
 NOTES_MARKER = "<!-- notes -->"
 BODY_SIZE = 1024
 HOST_HEADER = "upstream.bench"
-TARGETS = ("direct", "meshproxy", "envoy")
+TARGETS = ("direct", "meshproxy", "meshproxy-default", "meshproxy-full", "envoy", "envoy-full")
 LOOPBACK = "127.0.0.1"
 POLL_INTERVAL_S = 0.05
 STOP_TIMEOUT_S = 5.0
 TOOL_TIMEOUT_S = 15.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 UNIT_TO_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+# Istio's default random sampling percentage (a sidecar with no Telemetry resource).
+ISTIO_DEFAULT_SAMPLING = 1.0
+# Issue #6 section 5: with telemetry at Istio's defaults, req/s within 10% of no telemetry.
+DEFAULT_TELEMETRY_TARGET = 0.90
+# Envoy's OpenTelemetry tracer batching (runtime keys tracing.opentelemetry.min_flush_spans and
+# tracing.opentelemetry.flush_interval_ms): "meshproxy" matches meshproxy's BatchSpanProcessor
+# (512 spans or 1 s, meshproxy/telemetry/tracing.py); "envoy" keeps Envoy's defaults.
+ENVOY_OTEL_BATCHING = {"meshproxy": (512, 1000), "envoy": (5, 5000)}
+# After a block, wait this long so batched spans (flushed at least every second) reach the sink.
+SINK_SETTLE_S = 2.0
+# Bound on waiting for a verification span or access log line to show up.
+TELEMETRY_VERIFY_TIMEOUT_S = 10.0
 
 
 class BenchError(Exception):
     """A target failed to start, answer correctly, or stay alive; the run is aborted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryPlan:
+    """What a proxy target records and exports besides forwarding."""
+
+    metrics: bool  # Istio's standard metrics (meshproxy); Envoy's own stats are always on
+    sampling: float | None  # random tracing percentage; None: no tracer at all
+    access_log: bool
+    summary: str
+
+
+TELEMETRY: dict[str, TelemetryPlan] = {
+    "meshproxy": TelemetryPlan(
+        False,
+        None,
+        False,
+        "no telemetry: Istio metrics off (a Telemetry resource with a `disabled: true` override), "
+        "tracing exporter `none`, no access log",
+    ),
+    "meshproxy-default": TelemetryPlan(
+        True,
+        ISTIO_DEFAULT_SAMPLING,
+        False,
+        "Istio's defaults: metrics on, OTLP/HTTP tracing to the sink at the default 1% "
+        "(no Telemetry resource), no access log",
+    ),
+    "meshproxy-full": TelemetryPlan(
+        True,
+        100.0,
+        True,
+        "metrics on, OTLP/HTTP tracing to the sink at 100% (Telemetry "
+        "`randomSamplingPercentage: 100`), text access log to a file in the temp dir",
+    ),
+    "envoy": TelemetryPlan(True, None, False, "no tracing, no access log (as before)"),
+    "envoy-full": TelemetryPlan(
+        True,
+        100.0,
+        True,
+        "file access log with Envoy's default format in the temp dir; HCM tracing with "
+        "`envoy.tracers.opentelemetry` exporting OTLP/HTTP (`http_service`) to the sink through "
+        "a static cluster, `random_sampling` 100%",
+    ),
+}
 
 
 # --------------------------------------------------------------------------- processes
@@ -222,10 +281,12 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def http_get(port: int, path: str = "/", host: str | None = None) -> tuple[int, bytes]:
+def http_get(
+    port: int, path: str = "/", host: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=2.0)
     try:
-        conn.request("GET", path, headers={"Host": host} if host else {})
+        conn.request("GET", path, headers={**({"Host": host} if host else {}), **(headers or {})})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -292,6 +353,109 @@ class Target:
     label: str
     port: int
     child: Child
+    telemetry: TelemetryPlan | None = None
+    access_log: Path | None = None  # the file its access log goes to
+    trace_path: str | None = None  # the sink path its spans are POSTed to
+
+
+# --------------------------------------------------------------------------- OTLP sink
+
+
+@dataclasses.dataclass(frozen=True)
+class Sink:
+    """The local OTLP/HTTP receiver (benchmarks/otlp_sink.py) the tracing targets export to."""
+
+    port: int
+    child: Child
+
+    def url(self, target: str) -> str:
+        return f"http://{LOOPBACK}:{self.port}{self.path(target)}"
+
+    @staticmethod
+    def path(target: str) -> str:
+        return f"/{target}/v1/traces"
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters per path: posts (span batches), bytes, spans, bad_batches."""
+        self.child.check_alive()
+        try:
+            status, body = http_get(self.port, "/stats")
+            stats: dict[str, dict[str, int]] = json.loads(body)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise BenchError(f"OTLP sink /stats failed: {exc}\n{self.child.tail()}") from exc
+        if status != 200:
+            raise BenchError(f"OTLP sink /stats answered {status}\n{self.child.tail()}")
+        return stats
+
+
+def start_sink(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> Sink:
+    (port,) = free_ports(1)
+    cmd = [args.python, str(BENCH_DIR / "otlp_sink.py"), "--port", str(port)]
+    child = launch("otlp-sink", cmd, workdir, stack)
+
+    def probe() -> bool:
+        status, _ = http_get(port, "/stats")
+        return status == 200
+
+    wait_ready(child, probe, args.startup_timeout)
+    return Sink(port, child)
+
+
+def count_lines(path: Path, offset: int) -> tuple[int, int]:
+    """Newlines in `path` after byte `offset`, and the file's size (the next offset)."""
+    lines = 0
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            while chunk := f.read(1 << 20):
+                lines += chunk.count(b"\n")
+                offset += len(chunk)
+    except FileNotFoundError:
+        pass
+    return lines, offset
+
+
+def verify_telemetry(target: Target, sink: Sink | None) -> None:
+    """A forced-trace GET must put a span batch at the sink and, where access logs are on, a
+    line in the target's access log, both within TELEMETRY_VERIFY_TIMEOUT_S."""
+    plan = target.telemetry
+    if plan is None or (plan.sampling is None and not plan.access_log):
+        return
+    before = sink.stats().get(target.trace_path or "", {}).get("posts", 0) if sink else 0
+    # x-client-trace-id forces sampling (Envoy and meshproxy), so a 1% tracer reports it too.
+    headers = {"x-client-trace-id": f"bench-verify-{target.name}"}
+    try:
+        status, body = http_get(target.port, "/", HOST_HEADER, headers)
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"GET via {target.name} failed: {exc}\n{target.child.tail()}") from exc
+    if status != 200 or len(body) != BODY_SIZE:
+        raise BenchError(f"forced-trace GET via {target.name} returned {status}")
+    deadline = time.monotonic() + TELEMETRY_VERIFY_TIMEOUT_S
+    want_span = plan.sampling is not None and sink is not None
+    want_line = plan.access_log and target.access_log is not None
+    while want_span or want_line:
+        target.child.check_alive()
+        if want_span and sink is not None:
+            posts = sink.stats().get(target.trace_path or "", {}).get("posts", 0)
+            want_span = posts <= before
+        if want_line and target.access_log is not None:
+            want_line = count_lines(target.access_log, 0)[0] == 0
+        if not (want_span or want_line):
+            break
+        if time.monotonic() >= deadline:
+            missing = " and ".join(
+                what
+                for what, still in (
+                    ("a span batch at the sink", want_span),
+                    ("a log line", want_line),
+                )
+                if still
+            )
+            raise BenchError(
+                f"{target.name}: no {missing} {TELEMETRY_VERIFY_TIMEOUT_S:.0f}s after a "
+                f"forced-trace request\n{target.child.tail()}"
+            )
+        time.sleep(POLL_INTERVAL_S * 4)
 
 
 def render(template: str, dest: Path, **values: object) -> Path:
@@ -359,35 +523,148 @@ def start_upstream(
     return target, (f"benchmarks/upstream.py (uvloop, raw bytes, {BODY_SIZE}-byte body; {reason})")
 
 
+MESHPROXY_LABELS = {
+    "meshproxy": "meshproxy (no telemetry)",
+    "meshproxy-default": "meshproxy-default (metrics, 1% tracing)",
+    "meshproxy-full": "meshproxy-full (metrics, 100% tracing, access log)",
+}
+ENVOY_LABELS = {
+    "envoy": "Envoy (--concurrency 1)",
+    "envoy-full": "Envoy-full (100% OTel tracing, access log)",
+}
+
+
+def meshproxy_telemetry(
+    name: str, plan: TelemetryPlan, sink: Sink | None, workdir: Path
+) -> tuple[dict[str, object], dict[str, object] | None, Path | None]:
+    """The bootstrap's `spec.telemetry`, the Telemetry resource (or None), the access log."""
+    bootstrap: dict[str, object] = {}
+    spec: dict[str, object] = {}
+    if plan.sampling is None or sink is None:
+        bootstrap["tracing"] = {"exporter": "none"}
+    else:
+        bootstrap["tracing"] = {"exporter": "otlp", "endpoint": sink.url(name)}
+        if plan.sampling != ISTIO_DEFAULT_SAMPLING:  # the default needs no Telemetry resource
+            spec["tracing"] = [
+                {"providers": [{"name": "otel"}], "randomSamplingPercentage": plan.sampling}
+            ]
+    access_log = workdir / f"{name}-access.log" if plan.access_log else None
+    if access_log is not None:
+        bootstrap["accessLog"] = {"path": str(access_log), "format": "text"}
+    if not plan.metrics:
+        spec["metrics"] = [
+            {"providers": [{"name": "prometheus"}], "overrides": [{"disabled": True}]}
+        ]
+    resource: dict[str, object] | None = None
+    if spec:
+        resource = {
+            "apiVersion": "telemetry.istio.io/v1",
+            "kind": "Telemetry",
+            "metadata": {"name": "bench", "namespace": "default"},
+            "spec": spec,
+        }
+    return bootstrap, resource, access_log
+
+
 def start_meshproxy(
-    args: argparse.Namespace, upstream_port: int, workdir: Path, stack: contextlib.ExitStack
+    args: argparse.Namespace,
+    name: str,
+    upstream_port: int,
+    sink: Sink | None,
+    workdir: Path,
+    stack: contextlib.ExitStack,
 ) -> Target:
+    plan = args.plans[name]
     listener_port, admin_port = free_ports(2)
+    bootstrap, resource, access_log = meshproxy_telemetry(name, plan, sink, workdir)
     config = render(
         "meshproxy.yaml.tmpl",
-        workdir / "meshproxy.yaml",
+        workdir / f"{name}.yaml",
         admin_port=admin_port,
         listener_port=listener_port,
         upstream_port=upstream_port,
         host=HOST_HEADER,
+        telemetry=json.dumps(bootstrap),
+        telemetry_resource=f"---\n{json.dumps(resource)}" if resource else "",
     )
     cmd = [args.python, "-m", "meshproxy", "run", "-c", str(config), *args.meshproxy_arg]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    child = launch("meshproxy", cmd, workdir, stack, env=env)
+    child = launch(name, cmd, workdir, stack, env=env)
     wait_ready(child, admin_ready(admin_port), args.startup_timeout)
-    return Target("meshproxy", "meshproxy", listener_port, child)
+    trace_path = sink.path(name) if sink and plan.sampling is not None else None
+    label = MESHPROXY_LABELS[name]
+    if plan is not TELEMETRY[name]:  # --meshproxy-default-sampling
+        label = f"{name} (metrics, {plan.sampling:g}% sampling setting)"
+    return Target(name, label, listener_port, child, plan, access_log, trace_path)
+
+
+def envoy_telemetry(
+    name: str, plan: TelemetryPlan, sink: Sink | None, workdir: Path, batching: str
+) -> tuple[dict[str, str], Path | None]:
+    """Values for envoy.yaml.tmpl's telemetry placeholders, and the access log path."""
+    values = {"access_log": "[]", "hcm_tracing": "", "sink_cluster": "", "layered_runtime": ""}
+    access_log = workdir / f"{name}-access.log" if plan.access_log else None
+    if access_log is not None:
+        file_log = {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(access_log),  # no log_format: Envoy's default text format
+            },
+        }
+        values["access_log"] = json.dumps([file_log])
+    if plan.sampling is not None and sink is not None:
+        otel = {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "service_name": name,
+            "http_service": {
+                "http_uri": {"uri": sink.url(name), "cluster": "otlp_sink", "timeout": "1s"}
+            },
+        }
+        tracing = {
+            "random_sampling": {"value": plan.sampling},
+            "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": otel},
+        }
+        values["hcm_tracing"] = f"tracing: {json.dumps(tracing)}"
+        endpoint = {"address": {"socket_address": {"address": LOOPBACK, "port_value": sink.port}}}
+        cluster = {
+            "name": "otlp_sink",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "otlp_sink",
+                "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+            },
+        }
+        values["sink_cluster"] = f"- {json.dumps(cluster)}"
+        min_flush_spans, flush_interval_ms = ENVOY_OTEL_BATCHING[batching]
+        layer = {
+            "tracing.opentelemetry.min_flush_spans": min_flush_spans,
+            "tracing.opentelemetry.flush_interval_ms": flush_interval_ms,
+        }
+        runtime = {"layers": [{"name": "otel_batching", "static_layer": layer}]}
+        values["layered_runtime"] = f"layered_runtime: {json.dumps(runtime)}"
+    return values, access_log
 
 
 def start_envoy(
-    args: argparse.Namespace, upstream_port: int, workdir: Path, stack: contextlib.ExitStack
+    args: argparse.Namespace,
+    name: str,
+    upstream_port: int,
+    sink: Sink | None,
+    workdir: Path,
+    stack: contextlib.ExitStack,
 ) -> Target:
+    plan = args.plans[name]
     listener_port, admin_port = free_ports(2)
+    values, access_log = envoy_telemetry(name, plan, sink, workdir, args.envoy_otel_batching)
     config = render(
         "envoy.yaml.tmpl",
-        workdir / "envoy.yaml",
+        workdir / f"{name}.yaml",
         admin_port=admin_port,
         listener_port=listener_port,
         upstream_port=upstream_port,
+        **values,
     )
     cmd = [
         args.envoy,
@@ -401,9 +678,10 @@ def start_envoy(
         "-l",
         "error",
     ]
-    child = launch("envoy", cmd, workdir, stack)
+    child = launch(name, cmd, workdir, stack)
     wait_ready(child, admin_ready(admin_port), args.startup_timeout)
-    return Target("envoy", "Envoy (--concurrency 1)", listener_port, child)
+    trace_path = sink.path(name) if sink and plan.sampling is not None else None
+    return Target(name, ENVOY_LABELS[name], listener_port, child, plan, access_log, trace_path)
 
 
 # --------------------------------------------------------------------------- wrk
@@ -497,6 +775,21 @@ class Summary:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Delivered:
+    """What one target's telemetry delivered during a block (warmup and measured runs)."""
+
+    requests: int  # requests wrk completed against the target in the block
+    sampling: float | None  # the configured sampling percentage (None: no tracer)
+    access_log: bool
+    posts: int  # span batches POSTed to the sink
+    spans: int
+    bytes: int
+    bad_batches: int
+    log_lines: int
+    sink_cpu_s: float  # the sink's CPU time during this target's wrk runs
+
+
 @dataclasses.dataclass
 class Block:
     """All targets at one connection count, plus memory measured right after its runs."""
@@ -504,32 +797,98 @@ class Block:
     connections: int
     summaries: dict[str, Summary]
     memory: dict[str, Memory]
+    delivered: dict[str, Delivered] = dataclasses.field(default_factory=dict)
 
 
-def run_matrix(args: argparse.Namespace, targets: list[Target]) -> list[Block]:
+class TelemetryMeter:
+    """Sink counters and access log lines per target, as differences between snapshots."""
+
+    def __init__(self, targets: list[Target], sink: Sink | None) -> None:
+        self.targets = [
+            t
+            for t in targets
+            if t.telemetry is not None and (t.trace_path is not None or t.access_log is not None)
+        ]
+        self.sink = sink
+        self.sink_before = sink.stats() if sink and self.targets else {}
+        self.log_offsets = {
+            t.name: count_lines(t.access_log, 0)[1] for t in self.targets if t.access_log
+        }
+
+    def block(self, requests: dict[str, int], sink_cpu: dict[str, float]) -> dict[str, Delivered]:
+        if not self.targets:
+            return {}
+        if self.sink is not None:
+            time.sleep(SINK_SETTLE_S)  # the last batches of the block are flushed within 1 s
+        after = self.sink.stats() if self.sink is not None else {}
+        delivered = {}
+        for t in self.targets:
+            now = after.get(t.trace_path or "", {})
+            then = self.sink_before.get(t.trace_path or "", {})
+            lines = 0
+            if t.access_log is not None:
+                lines, self.log_offsets[t.name] = count_lines(
+                    t.access_log, self.log_offsets[t.name]
+                )
+            plan = t.telemetry
+            assert plan is not None
+            delivered[t.name] = Delivered(
+                requests=requests[t.name],
+                sampling=plan.sampling if t.trace_path else None,
+                access_log=t.access_log is not None,
+                **{
+                    k: now.get(k, 0) - then.get(k, 0)
+                    for k in ("posts", "spans", "bytes", "bad_batches")
+                },
+                log_lines=lines,
+                sink_cpu_s=sink_cpu[t.name],
+            )
+        self.sink_before = after
+        return delivered
+
+
+def run_matrix(
+    args: argparse.Namespace, targets: list[Target], sink: Sink | None = None
+) -> list[Block]:
     blocks = []
     total = len(args.connections) * args.repeats * len(targets)
     done = 0
+    width = max(len(t.name) for t in targets)
+    meter = TelemetryMeter(targets, sink)
+    requests: dict[str, int] = {}
+    sink_cpu: dict[str, float] = {}
+
+    def measure(target: Target, conns: int, seconds: int) -> WrkResult:
+        before = tree_cpu_seconds(sink.child.pid) if sink else 0.0
+        result = run_wrk(args.wrk, target, conns, seconds)
+        if sink is not None:
+            sink_cpu[target.name] += tree_cpu_seconds(sink.child.pid) - before
+        requests[target.name] += result.requests
+        return result
+
     for conns in args.connections:
+        requests = {t.name: 0 for t in targets}
+        sink_cpu = {t.name: 0.0 for t in targets}
         if args.warmup > 0:
             for target in targets:
                 print(f"[c={conns}] warmup {target.name} {args.warmup}s", flush=True)
-                run_wrk(args.wrk, target, conns, args.warmup)
+                measure(target, conns, args.warmup)
         runs: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
         for rep in range(args.repeats):
             for target in targets:
-                result = run_wrk(args.wrk, target, conns, args.duration)
+                result = measure(target, conns, args.duration)
                 runs[target.name].append(result)
                 done += 1
                 print(
                     f"[{done}/{total}] c={conns} rep {rep + 1}/{args.repeats} "
-                    f"{target.name:<9} {result.rps:>10.0f} req/s  p50 {result.p50_ms:.3f} ms  "
-                    f"p99 {result.p99_ms:.3f} ms  cpu {result.cpu_us_per_req:.1f} us/req  "
-                    f"errors {result.errors}",
+                    f"{target.name:<{width}} {result.rps:>10.0f} req/s  "
+                    f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  "
+                    f"cpu {result.cpu_us_per_req:.1f} us/req  errors {result.errors}",
                     flush=True,
                 )
         memory = {t.name: tree_memory(t.child.pid) for t in targets}
-        blocks.append(Block(conns, {n: Summary.of(r) for n, r in runs.items()}, memory))
+        summaries = {n: Summary.of(r) for n, r in runs.items()}
+        blocks.append(Block(conns, summaries, memory, meter.block(requests, sink_cpu)))
     return blocks
 
 
@@ -587,12 +946,86 @@ def block_markdown(block: Block, labels: dict[str, str]) -> str:
         mesh.cpu_us_per_req if mesh else None, envoy.cpu_us_per_req if envoy else None
     )
     lines.append(f"- CPU per request, meshproxy / Envoy: **{fmt_ratio(cpu_ratio)}**")
+    lines += telemetry_lines(block, labels)
     lines += ["", "<details><summary>individual runs (req/s; p50/p99 ms)</summary>", ""]
     for name, summary in s.items():
         cells = ", ".join(f"{r.rps:,.0f} ({r.p50_ms:.3f}/{r.p99_ms:.3f})" for r in summary.runs)
         lines.append(f"- {labels[name]}: {cells}")
     lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+TELEMETRY_PAIRS = (  # (numerator, denominator) of the telemetry-cost ratio lines
+    ("meshproxy-default", "meshproxy"),
+    ("meshproxy-full", "meshproxy"),
+    ("envoy-full", "envoy"),
+    ("meshproxy-full", "envoy-full"),
+)
+
+
+def telemetry_lines(block: Block, labels: dict[str, str]) -> list[str]:
+    """Issue #6 section 5: each telemetry level against no telemetry and against Envoy."""
+    s = block.summaries
+    if not any(name in s for name in ("meshproxy-default", "meshproxy-full", "envoy-full")):
+        return []
+
+    def get(name: str, attr: str) -> float | None:
+        summary = s.get(name)
+        return None if summary is None else float(getattr(summary, attr))
+
+    lines = ["", "Telemetry cost (issue #6):", ""]
+    for num, den in TELEMETRY_PAIRS:
+        value = ratio(get(num, "rps"), get(den, "rps"))
+        verdict = ""
+        if (num, den) == ("meshproxy-default", "meshproxy"):
+            met = value is not None and value >= DEFAULT_TELEMETRY_TARGET
+            verdict = (
+                f" (target >= {DEFAULT_TELEMETRY_TARGET:.2f}x: "
+                + ("n/a" if value is None else "met" if met else "**missed**")
+                + ")"
+            )
+        lines.append(f"- {num} / {den} req/s: **{fmt_ratio(value)}**{verdict}")
+    cpu = ", ".join(
+        f"{num} / {den} **{fmt_ratio(ratio(get(num, 'cpu_us_per_req'), get(den, 'cpu_us_per_req')))}**"
+        for num, den in TELEMETRY_PAIRS
+    )
+    lines.append(f"- CPU per request: {cpu}")
+    for attr, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+        deltas = []
+        for num, den in TELEMETRY_PAIRS[:3]:
+            a, b = get(num, attr), get(den, attr)
+            deltas.append(f"{num} {'n/a' if a is None or b is None else f'{a - b:+.3f}'} ms")
+        lines.append(f"- {label} latency vs the same proxy without telemetry: " + ", ".join(deltas))
+    if block.delivered:
+        lines += [
+            "",
+            "| target | requests | span batches (POSTs) | spans | KiB | spans / request "
+            "(configured) | bad batches | access log lines / request | sink CPU s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, d in block.delivered.items():
+            tracing = d.sampling is not None
+            per_req = (
+                f"{fmt(ratio(d.spans, d.requests), 4)} ({d.sampling / 100:.4f})"
+                if d.sampling is not None
+                else "n/a"
+            )
+            log = f"{d.log_lines:,} / {fmt(ratio(d.log_lines, d.requests), 3)}"
+            lines.append(
+                f"| {labels[name]} | {d.requests:,} | {d.posts:,} | {d.spans:,} "
+                f"| {fmt(d.bytes / 1024, 1)} | {per_req} | {d.bad_batches if tracing else 'n/a'} "
+                f"| {log if d.access_log else 'n/a'} "
+                f"| {fmt(d.sink_cpu_s, 2) if tracing else 'n/a'} |"
+            )
+        lines += [
+            "",
+            "Span batches are the POSTs the OTLP sink received from that target; everything is "
+            "counted over the whole block (warmup and measured runs). Requests are those wrk "
+            "completed; requests still in flight when a wrk run stops are served and traced and "
+            "logged too, so at 100% the per-request figures end slightly above 1. Sink CPU is the "
+            "sink process's CPU time during that target's runs (not part of its CPU µs/req).",
+        ]
+    return lines
 
 
 def _run_tool(cmd: Sequence[str]) -> str:
@@ -630,6 +1063,9 @@ def collect_versions(args: argparse.Namespace, nginx_used: bool) -> dict[str, st
     versions["meshproxy"] = (
         f"git {commit}" if re.fullmatch(r"[0-9a-f]{4,40}", commit) else "no commit"
     )
+    dirty = _run_tool(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "meshproxy"])
+    if dirty and not dirty.startswith(("fatal", "unavailable")):
+        versions["meshproxy"] += " + uncommitted changes in meshproxy/"
     return versions
 
 
@@ -678,8 +1114,14 @@ def report_markdown(
         "VmRSS/VmHWM summed over the target's process tree right after that block's runs; "
         "CPU µs/req is the target tree's utime+stime during a run divided by its requests; "
         "errors are non-2xx responses plus socket errors summed over the runs.",
-        "",
     ]
+    telemetry = [name for name in labels if name in args.plans]
+    if telemetry:
+        lines.append("- Telemetry per target:")
+        lines += [f"  - `{name}`: {args.plans[name].summary}" for name in telemetry]
+    if context.get("sink"):
+        lines.append(f"- OTLP sink: {context['sink']}")
+    lines.append("")
     for block in blocks:
         lines.append(block_markdown(block, labels))
     return "\n".join(lines)
@@ -716,9 +1158,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", default="1,32", help="comma list (default 1,32)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 repeat")
-    parser.add_argument(
-        "--only", default=",".join(TARGETS), help="comma list of direct,meshproxy,envoy"
-    )
+    parser.add_argument("--only", default=",".join(TARGETS), help="comma list of targets (all)")
     parser.add_argument(
         "--meshproxy-arg",
         action="append",
@@ -727,6 +1167,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra argument for `meshproxy run` (repeatable; write --meshproxy-arg=--flag)",
     )
     parser.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto")
+    parser.add_argument(
+        "--meshproxy-default-sampling",
+        type=float,
+        metavar="PCT",
+        help="give meshproxy-default a Telemetry resource with this randomSamplingPercentage "
+        "instead of Istio's implicit 1%% (for experiments; the report says so)",
+    )
+    parser.add_argument(
+        "--envoy-otel-batching",
+        choices=tuple(ENVOY_OTEL_BATCHING),
+        default="meshproxy",
+        help="envoy-full's OTel span batching: meshproxy's (512 spans/1 s, default) or Envoy's "
+        "defaults (5 spans/5 s)",
+    )
     parser.add_argument(
         "--python",
         default=str(venv_python) if venv_python.exists() else sys.executable,
@@ -756,7 +1210,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--duration and --repeats must be >= 1, --warmup >= 0, connections given")
     if min(args.connections) < 1:
         parser.error("connection counts must be >= 1")
-    if "envoy" in args.targets and not args.envoy:
+    args.plans = dict(TELEMETRY)
+    pct = args.meshproxy_default_sampling
+    if pct is not None:
+        if not 0.0 <= pct <= 100.0:
+            parser.error("--meshproxy-default-sampling must be 0..100")
+        args.plans["meshproxy-default"] = dataclasses.replace(
+            TELEMETRY["meshproxy-default"],
+            sampling=pct,
+            summary="**experiment** (`--meshproxy-default-sampling`): metrics on, OTLP/HTTP "
+            f"tracing to the sink with a Telemetry `randomSamplingPercentage: {pct:g}`, "
+            "no access log",
+        )
+    if any(t.startswith("envoy") for t in args.targets) and not args.envoy:
         parser.error("envoy not found; pass --envoy PATH or --only without envoy")
     return args
 
@@ -783,15 +1249,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             upstream, context["upstream"] = start_upstream(args, workdir, stack)
+            sink = None
+            if any(args.plans[t].sampling is not None for t in args.targets if t in args.plans):
+                sink = start_sink(args, workdir, stack)
+                batch, interval = ENVOY_OTEL_BATCHING[args.envoy_otel_batching]
+                context["sink"] = (
+                    "`benchmarks/otlp_sink.py` (a separate process: threaded stdlib HTTP/1.1 "
+                    "server answering 200 to `POST /<target>/v1/traces`, counting batches, "
+                    "bytes and spans per target; its CPU is not in any target's CPU µs/req). "
+                    f"Envoy's OTel tracer batching: `min_flush_spans` {batch}, "
+                    f"`flush_interval_ms` {interval} (`--envoy-otel-batching "
+                    f"{args.envoy_otel_batching}`)."
+                )
             targets = [upstream] if "direct" in args.targets else []
-            if "meshproxy" in args.targets:
-                targets.append(start_meshproxy(args, upstream.port, workdir, stack))
-            if "envoy" in args.targets:
-                targets.append(start_envoy(args, upstream.port, workdir, stack))
+            for name in args.targets:
+                if name.startswith("meshproxy"):
+                    targets.append(start_meshproxy(args, name, upstream.port, sink, workdir, stack))
+                elif name.startswith("envoy"):
+                    targets.append(start_envoy(args, name, upstream.port, sink, workdir, stack))
             for target in targets:
                 verify_target(target)
+                verify_telemetry(target, sink)
             print("all targets ready: " + ", ".join(f"{t.name}:{t.port}" for t in targets))
-            blocks = run_matrix(args, targets)
+            blocks = run_matrix(args, targets, sink)
             labels = {t.name: t.label for t in targets}
             context.update(collect_versions(args, "nginx" in context["upstream"]))
     except KeyboardInterrupt:

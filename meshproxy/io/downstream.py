@@ -294,7 +294,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._mirror_body = []
         if forward.delay:
             # Fault injection: hold the request (and its body) back, then forward it.
-            self._pause_reading(_PAUSE_CONNECTING)
+            self._hold_body()
             self._backoff = self.loop.call_later(forward.delay, self._after_delay)
             return
         self._start_attempt(forward.pool, reuse=True)
@@ -327,7 +327,7 @@ class DownstreamConnection(asyncio.Protocol):
         try:
             conn = pool.take_idle() if reuse else None
             if conn is None:
-                conn = pool.acquire(self)
+                conn = pool.acquire(self, reuse=reuse)
         except UpstreamOverflow as exc:
             self._attempt_failed(exc)  # ends the try (or schedules the next one)
             return
@@ -335,7 +335,7 @@ class DownstreamConnection(asyncio.Protocol):
             self._attach(conn, reused=True)
             return
         self._waiting = True
-        self._pause_reading(_PAUSE_CONNECTING)
+        self._hold_body()
 
     def on_connection(self, conn: UpstreamConnection) -> None:
         """A connection for the request waiting on ``self.pool`` (Waiter)."""
@@ -468,7 +468,7 @@ class DownstreamConnection(asyncio.Protocol):
         retry.next_attempt()
         if not forward.replayable and self._replay is not None:
             self._pending_body = list(self._replay)
-        self._pause_reading(_PAUSE_CONNECTING)
+        self._hold_body()
         self._backoff = self.loop.call_later(delay, self._retry_now, previous)
         return True
 
@@ -522,6 +522,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _on_request_end(self) -> None:
         self.request_done = True
+        self._resume_reading(_PAUSE_CONNECTING)
         if self.replied:
             self._finish()
             return
@@ -761,7 +762,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.since = self.loop.time()
         if self._pause & _PAUSE_PIPELINE:
             self._resume_reading(_PAUSE_PIPELINE)
-            self.phase = Phase.HEAD
+            if self.codec.trailing_data():
+                self.phase = Phase.HEAD  # a pipelined request is already here
             self._process()
 
     # -- timers and flow control ----------------------------------------------------------------
@@ -829,6 +831,13 @@ class DownstreamConnection(asyncio.Protocol):
         """Stop after the current exchange; close now if between requests."""
         if self.phase == Phase.IDLE:
             self.close()
+
+    def _hold_body(self) -> None:
+        """No upstream to write the body to yet: stop reading it (bounded memory). Once the
+        request is read whole there is nothing to hold back, and reading on lets a client that
+        leaves (FIN or RST) be noticed and its slots given back."""
+        if not self.request_done:
+            self._pause_reading(_PAUSE_CONNECTING)
 
     def _pause_reading(self, reason: int) -> None:
         if not self._pause and self.transport is not None:

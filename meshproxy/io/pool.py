@@ -395,13 +395,14 @@ class EndpointPool:
         self.active_requests -= 1
         self.state.limits.release_request()
 
-    def acquire(self, waiter: Waiter) -> UpstreamConnection | None:
+    def acquire(self, waiter: Waiter, reuse: bool = True) -> UpstreamConnection | None:
         """A pooled connection now, or None and the waiter is called back later.
 
-        Raises ``UpstreamOverflow`` when the cluster's pending-request limit is reached. A waiter
+        ``reuse=False`` asks for a fresh connection (a replay after a stale pooled one). Raises
+        ``UpstreamOverflow`` when the cluster's pending-request limit is reached. A waiter
         queued behind ``maxConnections`` waits at most the connect timeout.
         """
-        conn = self.take_idle()
+        conn = self.take_idle() if reuse else None
         if conn is not None:
             return conn
         limits = self.state.limits
@@ -447,6 +448,7 @@ class EndpointPool:
             waiter = self._pop_waiter()
             if waiter is not None:
                 waiter.on_connection_error(exc)
+            self._serve_queued()
             return
         self._hand_over(conn)
 
@@ -492,6 +494,9 @@ class EndpointPool:
             and not (max_age and now - conn.born >= max_age)
         ):
             conn.got_response_bytes = False
+            # A slow client may have paused this connection's reading; pooled ones always read
+            # (to hear the upstream's FIN, and to deliver the next response).
+            conn.resume_reading()
             if self.waiters:
                 self._hand_over(conn)
                 return
@@ -506,8 +511,11 @@ class EndpointPool:
             self.state.limits.release_connection()
         if conn in self.idle:
             self.idle.remove(conn)
-        # A connection slot came free: a request queued behind maxConnections can have it
-        # (waiters with a timer are queued; the others already have a connect in flight).
+        self._serve_queued()
+
+    def _serve_queued(self) -> None:
+        """A connection slot came free: a request queued behind maxConnections can have it
+        (waiters with a timer are queued; the others already have a connect in flight)."""
         queued = any(handle is not None for handle in self.waiters.values())
         if queued and self.state.limits.try_connection():
             self._spawn_connect()
@@ -558,6 +566,7 @@ class EndpointPool:
         self.idle.clear()
         for waiter in list(self.waiters):
             self.cancel(waiter)
+            waiter.on_connection_error(UpstreamOverflow("the endpoint's pool was closed"))
 
     def snapshot(self) -> dict[str, object]:
         return {

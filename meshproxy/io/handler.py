@@ -54,7 +54,6 @@ class Handler(Protocol):
     ) -> EndpointPool:
         """The endpoint for a retry: another than ``previous`` when the policy says so and one
         exists (Envoy's previous_hosts predicate), among those not ejected."""
-        ...
 
     def on_response(
         self, head: ResponseHead, forward: Forward, record: RequestRecord, close: bool

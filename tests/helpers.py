@@ -455,3 +455,33 @@ def free_env() -> dict[str, str]:
     for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(key, None)
     return env
+
+
+def svc_destination_rule(traffic_policy: str) -> str:
+    """A DestinationRule for host ``svc`` whose trafficPolicy is ``traffic_policy`` (YAML)."""
+    policy = textwrap.indent(textwrap.dedent(traffic_policy).strip("\n"), "    ")
+    return (
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: DestinationRule\n"
+        "metadata: {name: svc, namespace: default}\n"
+        "spec:\n"
+        "  host: svc\n"
+        "  trafficPolicy:\n"
+        f"{policy}\n"
+    )
+
+
+def svc_virtual_service(route: str) -> str:
+    """A VirtualService for ``svc`` whose one HTTP route also carries ``route`` (YAML fields)."""
+    fields = textwrap.indent(textwrap.dedent(route).strip("\n"), "    ")
+    return (
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: VirtualService\n"
+        "metadata: {name: svc, namespace: default}\n"
+        "spec:\n"
+        "  hosts: [svc]\n"
+        "  http:\n"
+        "  - route:\n"
+        "    - destination: {host: svc}\n"
+        f"{fields}\n"
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import textwrap
 import typing
 from collections.abc import AsyncIterator, Callable
 
@@ -23,6 +22,8 @@ from helpers import (
     join,
     proxy,
     service_entry,
+    svc_destination_rule,
+    svc_virtual_service,
     upstream,
 )
 
@@ -33,32 +34,10 @@ HOST = "svc"
 CLUSTER = "outbound|9080||svc.default.svc.cluster.local"
 
 
-def destination_rule(traffic_policy: str) -> str:
-    policy = textwrap.indent(textwrap.dedent(traffic_policy).strip("\n"), "    ")
-    return (
-        "apiVersion: networking.istio.io/v1\n"
-        "kind: DestinationRule\n"
-        "metadata: {name: svc, namespace: default}\n"
-        "spec:\n"
-        "  host: svc\n"
-        "  trafficPolicy:\n"
-        f"{policy}\n"
-    )
+destination_rule = svc_destination_rule
 
 
-def virtual_service(route: str) -> str:
-    fields = textwrap.indent(textwrap.dedent(route).strip("\n"), "    ")
-    return (
-        "apiVersion: networking.istio.io/v1\n"
-        "kind: VirtualService\n"
-        "metadata: {name: svc, namespace: default}\n"
-        "spec:\n"
-        "  hosts: [svc]\n"
-        "  http:\n"
-        "  - route:\n"
-        "    - destination: {host: svc}\n"
-        f"{fields}\n"
-    )
+virtual_service = svc_virtual_service
 
 
 async def cluster(px: RunningProxy) -> dict[str, typing.Any]:

@@ -14,7 +14,6 @@ import asyncio
 import io
 import json
 import socket
-import textwrap
 import typing
 from collections.abc import Callable, Sequence
 
@@ -30,6 +29,8 @@ from helpers import (
     join,
     proxy,
     service_entry,
+    svc_destination_rule,
+    svc_virtual_service,
     upstream,
 )
 
@@ -42,32 +43,10 @@ NO_HEALTHY = b"no healthy upstream"
 # Configuration
 
 
-def destination_rule(traffic_policy: str) -> str:
-    policy = textwrap.indent(textwrap.dedent(traffic_policy).strip("\n"), "    ")
-    return (
-        "apiVersion: networking.istio.io/v1\n"
-        "kind: DestinationRule\n"
-        "metadata: {name: svc, namespace: default}\n"
-        "spec:\n"
-        "  host: svc\n"
-        "  trafficPolicy:\n"
-        f"{policy}\n"
-    )
+destination_rule = svc_destination_rule
 
 
-def virtual_service(route: str) -> str:
-    fields = textwrap.indent(textwrap.dedent(route).strip("\n"), "    ")
-    return (
-        "apiVersion: networking.istio.io/v1\n"
-        "kind: VirtualService\n"
-        "metadata: {name: svc, namespace: default}\n"
-        "spec:\n"
-        "  hosts: [svc]\n"
-        "  http:\n"
-        "  - route:\n"
-        "    - destination: {host: svc}\n"
-        f"{fields}\n"
-    )
+virtual_service = svc_virtual_service
 
 
 def mesh(ports: Sequence[int], traffic_policy: str | None = None, route: str | None = None) -> str:

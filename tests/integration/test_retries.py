@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import socket
-import textwrap
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -29,6 +28,7 @@ from helpers import (
     join,
     proxy,
     service_entry,
+    svc_virtual_service,
     upstream,
 )
 
@@ -42,20 +42,7 @@ REFUSED = RESET + b"remote connection failure"
 # Configuration
 
 
-def virtual_service(route: str) -> str:
-    """A VirtualService for ``svc`` whose one HTTP route also carries ``route`` (YAML fields)."""
-    fields = textwrap.indent(textwrap.dedent(route).strip("\n"), "    ")
-    return (
-        "apiVersion: networking.istio.io/v1\n"
-        "kind: VirtualService\n"
-        "metadata: {name: svc, namespace: default}\n"
-        "spec:\n"
-        "  hosts: [svc]\n"
-        "  http:\n"
-        "  - route:\n"
-        "    - destination: {host: svc}\n"
-        f"{fields}\n"
-    )
+virtual_service = svc_virtual_service
 
 
 def mesh(ports: Sequence[int], route: str | None = None, *, extra: str = "") -> str:

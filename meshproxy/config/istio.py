@@ -17,11 +17,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 from meshproxy.config.model import (
+    AuthorizationPolicy,
     Destination,
     DestinationRule,
     HTTPRoute,
     MeshConfig,
     MeshProxy,
+    PeerAuthentication,
     Resource,
     RouteDestination,
     ServiceEntry,
@@ -155,6 +157,8 @@ def assemble(
     rules = [r for r in resources if isinstance(r, DestinationRule)]
     services = [r for r in resources if isinstance(r, VirtualService)]
     telemetries = [r for r in resources if isinstance(r, Telemetry)]
+    peer_auths = [r for r in resources if isinstance(r, PeerAuthentication)]
+    authz = [r for r in resources if isinstance(r, AuthorizationPolicy)]
 
     hosts: dict[str, ServiceEntry] = {}
     for se in entries:
@@ -169,6 +173,10 @@ def assemble(
             pct = tr.random_sampling_percentage
             if pct is not None and not 0 <= pct <= 100:
                 chk.error(tm, f"spec.tracing[{i}].randomSamplingPercentage", "must be 0..100")
+    for pa in peer_auths:
+        _check_peer_authentication(chk, pa)
+    for ap in authz:
+        _check_authorization_policy(chk, ap)
     _check_bootstrap(chk, bootstraps[0])
     if chk.failed:
         return None
@@ -185,8 +193,18 @@ def assemble(
         virtual_services=tuple(fill(r) for r in services),  # type: ignore[misc]
         destination_rules=tuple(fill(r) for r in rules),  # type: ignore[misc]
         telemetries=tuple(fill(r) for r in telemetries),  # type: ignore[misc]
+        peer_authentications=tuple(fill(r) for r in peer_auths),  # type: ignore[misc]
+        authorization_policies=tuple(fill(r) for r in authz),  # type: ignore[misc]
         sources=sources,
     )
+
+
+def _check_peer_authentication(chk: _Checker, pa: PeerAuthentication) -> None:
+    """Semantic checks of a PeerAuthentication (the security helper fills these in)."""
+
+
+def _check_authorization_policy(chk: _Checker, ap: AuthorizationPolicy) -> None:
+    """Semantic checks of an AuthorizationPolicy (the security helper fills these in)."""
 
 
 def _check_bootstrap(chk: _Checker, mp: MeshProxy) -> None:

@@ -25,12 +25,14 @@ import yaml
 
 from meshproxy.config import istio
 from meshproxy.config.model import (
+    AuthorizationPolicy,
     DestinationRule,
     Duration,
     HostPort,
     MeshConfig,
     MeshProxy,
     Metadata,
+    PeerAuthentication,
     Resource,
     ServiceEntry,
     Telemetry,
@@ -45,17 +47,18 @@ _NETWORKING = (
     "networking.istio.io/v1beta1",
     "networking.istio.io/v1alpha3",
 )
+_SECURITY = ("security.istio.io/v1", "security.istio.io/v1beta1")
 _KINDS: Final[Mapping[str, tuple[tuple[str, ...], type[Resource]]]] = {
     "MeshProxy": (("meshproxy.io/v1alpha1",), MeshProxy),
     "ServiceEntry": (_NETWORKING, ServiceEntry),
     "VirtualService": (_NETWORKING, VirtualService),
     "DestinationRule": (_NETWORKING, DestinationRule),
     "Telemetry": (("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"), Telemetry),
+    "PeerAuthentication": (_SECURITY, PeerAuthentication),
+    "AuthorizationPolicy": (_SECURITY, AuthorizationPolicy),
 }
 # Kinds Istio defines that meshproxy does not read yet: a clear error beats silently ignoring them.
-_NOT_YET: Final = frozenset(
-    {"PeerAuthentication", "AuthorizationPolicy", "Gateway", "Sidecar", "EnvoyFilter"}
-)
+_NOT_YET: Final = frozenset({"RequestAuthentication", "Gateway", "Sidecar", "EnvoyFilter"})
 # Fields the Kubernetes API server adds to metadata; accepted so `kubectl get -o yaml` loads.
 _K8S_METADATA: Final = frozenset(
     {

@@ -119,6 +119,34 @@ class TelemetrySettings:
     access_log: AccessLogSettings | None = None  # set: access logs on, as if a Telemetry said so
 
 
+class Http1Codec(enum.Enum):
+    """The HTTP/1.1 parser both sides use (issue #7): h11 is the codec of record."""
+
+    H11 = "h11"
+    HTTPTOOLS = "httptools"  # llhttp through httptools: ``pip install meshproxy[fast]``
+    AUTO = "auto"  # httptools when installed, else h11
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadTLS:
+    """``spec.tls``: this workload's certificate, key and trust bundle (PEM files), or a dev CA
+    directory (``ca``) from which the proxy issues itself a short-lived certificate.
+
+    The files are watched: when cert-manager, SPIRE's helper or the dev CA rewrites them, new
+    handshakes use the new pair (istio-agent's SDS rotation, without the agent).
+    """
+
+    cert_chain: str = ""  # cert.pem: the leaf first, then intermediates
+    private_key: str = ""  # key.pem
+    root_cert: str = ""  # ca.pem: the trust bundle peers are verified against
+    ca: str = ""  # a `meshproxy ca init` directory: self-issue, re-issue at half the lifetime
+    # Istio's workload certificate lifetime (SECRET_TTL 24 h) for certificates issued from `ca`.
+    ttl: Duration = Duration(24 * 3600.0)
+    # Envoy's transport_socket_connect_timeout is unset by default; a stalled ClientHello must not
+    # hold a connection forever, so a handshake gets this long (reference §6 #9).
+    handshake_timeout: Duration = Duration(10.0)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeshProxySpec:
     service_account: str = "default"
@@ -132,6 +160,10 @@ class MeshProxySpec:
     # How much of a request body is kept so a try can be replayed (issue #4: 64 KiB default).
     retry_buffer_bytes: int = 64 * 1024
     telemetry: TelemetrySettings = TelemetrySettings()
+    tls: WorkloadTLS | None = None  # no certificates: no mTLS either way
+    http1_codec: Http1Codec = Http1Codec.H11
+    # Worker processes sharing the listeners through SO_REUSEPORT (0: one per usable core).
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -718,7 +750,129 @@ class Telemetry:
     spec: TelemetrySpec
 
 
-Resource = MeshProxy | ServiceEntry | VirtualService | DestinationRule | Telemetry
+# =============================================================================================
+# PeerAuthentication (istio/api security/v1beta1/peer_authentication.proto)
+
+
+class MtlsMode(enum.Enum):
+    UNSET = "UNSET"  # inherit from the parent; at the top: PERMISSIVE
+    DISABLE = "DISABLE"
+    PERMISSIVE = "PERMISSIVE"
+    STRICT = "STRICT"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerAuthenticationMutualTLS:
+    mode: MtlsMode = MtlsMode.UNSET
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerAuthenticationSpec:
+    selector: WorkloadSelector | None = None
+    mtls: PeerAuthenticationMutualTLS | None = None
+    # Keyed by the workload (container) port, as a string ("8080"); only with a selector.
+    port_level_mtls: Mapping[str, PeerAuthenticationMutualTLS] = field(default_factory=_no_map)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerAuthentication:
+    metadata: Metadata
+    spec: PeerAuthenticationSpec
+
+
+# =============================================================================================
+# AuthorizationPolicy (istio/api security/v1beta1/authorization_policy.proto)
+
+
+class AuthorizationAction(enum.Enum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+    AUDIT = "AUDIT"
+    CUSTOM = "CUSTOM"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationSource:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationOperation:
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleFrom:
+    source: AuthorizationSource
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleTo:
+    operation: AuthorizationOperation
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Condition:
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationRule:
+    from_: tuple[RuleFrom, ...] = field(default=(), metadata={"yaml": "from"})
+    to: tuple[RuleTo, ...] = ()
+    when: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExtensionProvider:
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationPolicySpec:
+    selector: WorkloadSelector | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
+    # Absent rules with ALLOW: allow nothing (Istio's `spec: {}`); absent rules otherwise: no-op.
+    rules: tuple[AuthorizationRule, ...] = ()
+    action: AuthorizationAction = AuthorizationAction.ALLOW
+    provider: ExtensionProvider | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationPolicy:
+    metadata: Metadata
+    spec: AuthorizationPolicySpec
+
+
+Resource = (
+    MeshProxy
+    | ServiceEntry
+    | VirtualService
+    | DestinationRule
+    | Telemetry
+    | PeerAuthentication
+    | AuthorizationPolicy
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -730,4 +884,6 @@ class MeshConfig:
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
     telemetries: tuple[Telemetry, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     sources: tuple[str, ...] = ()  # the files read, in order

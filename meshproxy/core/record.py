@@ -29,11 +29,14 @@ class RequestRecord:
         "end",
         "flags",
         "method",
+        "original_dst",
         "path",
         "request_id",
         "response_code",
         "route_name",
+        "source_principal",
         "start",
+        "tls",
         "trace",
         "tries",
         "upstream_host",
@@ -68,6 +71,12 @@ class RequestRecord:
         # A sampled request's trace (layers/tracing.py RequestTrace): the ids its spans get.
         # None for an unsampled request, which gets no span.
         self.trace: object | None = None
+        # The downstream connection's facts: its peer's SPIFFE ID when it came over mTLS (else
+        # ""), whether it came over TLS at all, and the address it was sent to before an
+        # iptables REDIRECT (``SO_ORIGINAL_DST``, "host:port"; "" when not redirected).
+        self.source_principal = ""
+        self.tls = False
+        self.original_dst = ""
 
     def add_flag(self, flag: str) -> None:
         if flag and flag not in self.flags:

@@ -883,29 +883,28 @@ def test_unknown_kind() -> None:
     )
     assert issue.message == (
         "unknown kind 'ServiceEntree' (known: MeshProxy, ServiceEntry, VirtualService, "
-        "DestinationRule, Telemetry)"
+        "DestinationRule, Telemetry, PeerAuthentication, AuthorizationPolicy)"
     )
 
 
 def test_kind_not_supported_yet() -> None:
-    pa = doc(
+    ra = doc(
         """
         apiVersion: security.istio.io/v1
-        kind: PeerAuthentication
-        metadata: {name: default}
-        spec:
-          mtls: {mode: STRICT}
+        kind: RequestAuthentication
+        metadata: {name: jwt}
+        spec: {}
         """
     )
-    text = with_boot(pa)
+    text = with_boot(ra)
     issue = only_issue(("m.yaml", text))
     assert located(issue) == (
         "m.yaml",
-        line_of(text, "kind: PeerAuthentication"),
-        "PeerAuthentication default",
+        line_of(text, "kind: RequestAuthentication"),
+        "RequestAuthentication jwt",
         "kind",
     )
-    assert issue.message == "kind 'PeerAuthentication' is not supported by this meshproxy yet"
+    assert issue.message == "kind 'RequestAuthentication' is not supported by this meshproxy yet"
 
 
 def test_missing_kind() -> None:

@@ -16,6 +16,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 
+from meshproxy.config import security
 from meshproxy.config.model import (
     AuthorizationPolicy,
     Destination,
@@ -200,11 +201,15 @@ def assemble(
 
 
 def _check_peer_authentication(chk: _Checker, pa: PeerAuthentication) -> None:
-    """Semantic checks of a PeerAuthentication (the security helper fills these in)."""
+    """Semantic checks of a PeerAuthentication (rules in ``config/security.py``)."""
+    for path, message in security.peer_authentication_problems(pa):
+        chk.error(pa, path, message)
 
 
 def _check_authorization_policy(chk: _Checker, ap: AuthorizationPolicy) -> None:
-    """Semantic checks of an AuthorizationPolicy (the security helper fills these in)."""
+    """Semantic checks of an AuthorizationPolicy (rules in ``config/security.py``)."""
+    for path, message in security.authorization_policy_problems(ap):
+        chk.error(ap, path, message)
 
 
 def _check_bootstrap(chk: _Checker, mp: MeshProxy) -> None:

@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from meshproxy.config.istio import CLUSTER_DOMAIN, DEFAULT_NAMESPACE, fqdn
 from meshproxy.config.model import MeshConfig
+from meshproxy.core.identity import spiffe_uri
 from meshproxy.core.record import Direction, RequestRecord
 from meshproxy.core.routing import PASSTHROUGH_NAME, Cluster, ClusterKind, host_aliases
 
@@ -137,8 +138,9 @@ def _nothing() -> tuple[()]:
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    """Istio's workload identity, ``spiffe://<trust domain>/ns/<namespace>/sa/<account>``."""
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+    """Istio's workload identity, ``spiffe://<trust domain>/ns/<namespace>/sa/<account>``
+    (``core.identity.spiffe_uri``, kept under this name for the metric label code)."""
+    return spiffe_uri(trust_domain, namespace, service_account)
 
 
 def _first(labels: Mapping[str, str], keys: Sequence[str]) -> str:

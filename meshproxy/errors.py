@@ -210,6 +210,15 @@ class NotImplementedEncoding(BadRequest):
     body = b"Not Implemented"
 
 
+class AccessDenied(ProxyError):
+    """An AuthorizationPolicy denied the request (Envoy's RBAC filter: 403, no response flag;
+    the deciding policy is in the response code details, ``rbac_access_denied_matched_policy``)."""
+
+    status_hint = 403
+    flag = ""
+    body = b"RBAC: access denied"
+
+
 class UpgradeForbidden(ProxyError):
     """An ``Upgrade`` other than websocket (Envoy: 403 without a matching upgrade_config)."""
 

@@ -34,6 +34,7 @@ from meshproxy.core.peerauth import effective_mtls
 from meshproxy.core.record import Direction
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable, inbound_cluster
+from meshproxy.errors import CertificateError
 from meshproxy.io.admin import AdminRequest, AdminResponse, AdminRoute, AdminServer, WithRequest
 from meshproxy.io.listener import InboundTLS, Listener, Sweeper
 from meshproxy.io.pool import PoolManager
@@ -141,7 +142,11 @@ class App:
                 namespace=meta.namespace,
                 service_account=spec.service_account,
             )
-            self.credentials.load()
+            try:
+                self.credentials.load()
+            except CertificateError:
+                await self.credentials.close()
+                raise
             self.credentials.start_watching()
         contexts = ClientContexts(self.credentials)
         self.hosts = table = HostTable(self.config)

@@ -282,6 +282,9 @@ async def _serve(
     except OSError as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         return 3
+    except CertificateError as exc:
+        print(f"cannot load this workload's certificate: {exc}", file=sys.stderr)
+        return 4
     app.install_signal_handlers()
     parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
     if app.admin is not None:

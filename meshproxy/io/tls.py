@@ -157,11 +157,14 @@ class WorkloadCredentials:
 
     def _candidate(self) -> Generation:
         if self.self_issued:
-            cert_pem, key_pem, root_pem = issue_in_memory(
-                self._path(self.settings.ca),
-                (self._namespace, self._service_account),
-                self.settings.ttl,
-            )
+            try:
+                cert_pem, key_pem, root_pem = issue_in_memory(
+                    self._path(self.settings.ca),
+                    (self._namespace, self._service_account),
+                    self.settings.ttl,
+                )
+            except ValueError as exc:  # a namespace or account the CA cannot name
+                raise CertificateError(CertCheck.CA, str(exc)) from exc
         else:
             self._stamp = self._stat()
             cert_path, key_path, root_path = self._files()

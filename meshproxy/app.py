@@ -166,6 +166,11 @@ class App:
             cluster_snapshots=lambda: [s.snapshot(loop.time()) for s in pools.states()],
             listener_snapshots=lambda: [(n, lst.active) for n, lst in self.listeners.items()],
             certificates=self._certificate_expiries,
+            tls_refusals=lambda: [
+                (name, reason, count)
+                for name, lst in self.listeners.items()
+                for reason, count in lst.tls_failures.items()
+            ],
         )
         if metrics_enabled(self.config):  # a Telemetry resource may turn Istio's metrics off
             sinks.append(self.metrics.sink)

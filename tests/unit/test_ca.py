@@ -319,6 +319,11 @@ def test_cert_info_of_a_certificate_without_a_spiffe_id() -> None:
     assert info.not_before < info.not_after
 
 
+def test_cert_info_reads_pem_after_explanatory_text(ca_dir: Path) -> None:
+    pem = ca.issue_in_memory(ca_dir, ("default", "web"), now=NOW).cert
+    assert ca.cert_info(b"Bag Attributes\n    localKeyID: 01\n" + pem) == ca.cert_info(pem)
+
+
 @pytest.mark.parametrize("data", [b"", b"hello", b"\x30\x03\x02\x01\x01"])
 def test_cert_info_rejects_what_is_not_a_certificate(data: bytes) -> None:
     with pytest.raises(CertificateError) as info:
@@ -520,6 +525,41 @@ def test_an_encrypted_key_is_refused(pair: ca.IssuedPEM) -> None:
     )
     err = expect(CertCheck.PEM, pair.cert, encrypted, pair.root, now=NOW)
     assert "encrypted" in str(err)
+
+
+def test_load_pair_files_returns_the_bytes_it_checked(ca_dir: Path, tmp_path: Path) -> None:
+    files = ca.issue(ca_dir, "default", "web", out=tmp_path / "o", now=NOW)
+    loaded = ca.load_pair_files(files.cert, files.key, files.ca, now=NOW)
+    assert loaded.info == files.info
+    assert loaded.cert == files.cert.read_bytes()
+    assert loaded.key == files.key.read_bytes()
+    assert loaded.root == files.ca.read_bytes()
+
+
+def test_load_pair_files_names_a_missing_file(ca_dir: Path, tmp_path: Path) -> None:
+    files = ca.issue(ca_dir, "default", "web", out=tmp_path / "o", now=NOW)
+    files.key.unlink()
+    with pytest.raises(
+        CertificateError, match=r"file: cannot read .*key\.pem: No such file"
+    ) as info:
+        ca.load_pair_files(files.cert, files.key, files.ca, now=NOW)
+    assert info.value.check is CertCheck.FILE
+
+
+def test_load_pair_files_checks_what_it_read(ca_dir: Path, tmp_path: Path) -> None:
+    files = ca.issue(ca_dir, "default", "web", out=tmp_path / "o", now=NOW)
+    other = ca.issue(ca_dir, "default", "web", out=tmp_path / "p", now=NOW)
+    with pytest.raises(CertificateError) as info:
+        ca.load_pair_files(files.cert, other.key, files.ca, now=NOW)
+    assert info.value.check is CertCheck.KEY_MISMATCH
+
+
+def test_an_unreadable_ca_is_a_ca_error(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").mkdir()
+    (tmp_path / "ca-key.pem").write_bytes(b"")
+    with pytest.raises(CertificateError, match="cannot read the CA in") as info:
+        ca.trust_domain(tmp_path)
+    assert info.value.check is CertCheck.CA
 
 
 # -- writing files -------------------------------------------------------------------------------

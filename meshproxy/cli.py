@@ -310,9 +310,9 @@ async def _supervise(config: MeshConfig, paths: list[str], count: int, extra: li
     supervisor.install_signal_handlers()
     admin = supervisor.admin
     assert admin is not None
+    log.info("%d workers ready", count)
     print(
-        f"meshproxy ready: {supervisor.listeners_text} "
-        f"admin={admin.address.host}:{admin.port} workers={count}",
+        f"meshproxy ready: {supervisor.listeners_text} admin={admin.address.host}:{admin.port}",
         flush=True,
     )
     try:

@@ -1,12 +1,25 @@
-"""The composition root: configuration in, running listeners out; drain and exit.
+"""The composition root: configuration in, running listeners out; reload, drain and exit.
 
-Owns the lifetime of one meshproxy process: it builds the runtime objects from a validated
-``MeshConfig`` (host table, pools, stacks, listeners, admin server), reports readiness only once
-every listener is bound, drains on SIGTERM/SIGINT (stop accepting, finish in-flight requests with
-``connection: close``, exit when none is left or ``drainDuration`` has passed), and exits at once on
-``POST /quitquitquit``.
+Owns the lifetime of one meshproxy process. ``_build`` turns a validated ``MeshConfig`` into a
+``Runtime`` (host and route tables, pools, one stack per listener): the one place per-config
+objects are made. ``start`` starts the admin server, awaits the readiness gates (certificates,
+once mTLS lands), binds every listener, and only then reports ready (``GET /ready`` 200 LIVE).
 
-Rules: the only place where config meets I/O; every task it starts is owned and awaited.
+Hot reload (the ``run -c`` files are stat-polled every second; SIGHUP reloads at once): the whole
+config is re-read and re-validated, a new Runtime built, listeners whose address changed bound
+anew, and then, without an await, everything is swapped: new requests (on kept-alive connections
+too: a connection reads its listener's stack per request) use the new objects, requests in flight
+finish on the old ones, replaced listeners drain, and pools of clusters that changed close as their
+connections come back idle. Unchanged clusters keep their pools. An invalid config, or an address
+that cannot be bound, is rejected whole: logged (file, line, field), counted in
+``meshproxy_config_reloads_total{result="rejected"}``, and the old config keeps serving.
+
+Shutdown (SIGTERM/SIGINT; the order is in ``_drain``): the inbound side drains at once while the
+outbound side serves the app until it goes quiet; the process exits when no connection is left or
+at ``drainDuration``. ``POST /quitquitquit`` exits at once.
+
+Rules: the only place where config meets I/O; every task it starts is owned and awaited; a swap
+never awaits half-way.
 """
 
 from __future__ import annotations
@@ -22,13 +35,18 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from meshproxy import __version__
 from meshproxy.config.istio import metrics_enabled
 from meshproxy.config.load import load_paths
-from meshproxy.config.model import AccessLogFormat, HostPort, MeshConfig, yaml_key
-from meshproxy.core.explain import explain_request, to_json
+from meshproxy.config.model import (
+    AccessLogFormat,
+    HostPort,
+    MeshConfig,
+    TracingExporter,
+    yaml_key,
+)
 from meshproxy.core.record import Direction
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import Cluster, HostTable, inbound_cluster
@@ -46,7 +64,9 @@ from meshproxy.telemetry.access_log import AccessLog, build_access_log
 from meshproxy.telemetry.dashboard import PAGE, Dashboard
 from meshproxy.telemetry.metrics import CONTENT_TYPE, MeshMetrics
 from meshproxy.telemetry.sinks import RecordSink
-from meshproxy.telemetry.tracing import SpanReporter, span_reporter
+
+if TYPE_CHECKING:
+    from meshproxy.telemetry.tracing import SpanReporter
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +216,11 @@ class App:
             self.config, loop.time(), out=self._access_log_out, format=self._access_log_format
         )
         # Traces: sampled requests' spans, exported off the loop (exporter `none`: tracing off).
-        self.tracer = span_reporter(self.config)
+        if spec.telemetry.tracing.exporter is not TracingExporter.NONE:
+            # Imported only when tracing is on: the OpenTelemetry SDK costs ~20 ms of start-up.
+            from meshproxy.telemetry.tracing import span_reporter
+
+            self.tracer = span_reporter(self.config)
         self.dashboard = Dashboard(lambda: self._cluster_snapshots(loop.time()), loop.time)
         runtime = self._build(self.config, None)
         self._commit(runtime)
@@ -431,6 +455,10 @@ class App:
             for listener in bound.values():
                 await listener.close()
             return self._rejected(previous, [f"cannot listen: {exc}"])
+        if self.state is not State.LIVE:  # SIGTERM arrived while binding: keep the old config
+            for listener in bound.values():
+                await listener.close()
+            return self._rejected(previous, [f"not reloading while {self.state.value}"])
         # From here to the end: no await, so no request sees half of the swap.
         listeners: dict[str, Listener] = {}
         for name in runtime.addresses:
@@ -705,6 +733,9 @@ class App:
             headers[name] = f"{headers[name]},{value}" if name in headers else value
         if self.hosts is None or self.routes is None:
             return AdminResponse(status=503, body=b"not started\n")
+        # Imported on first use: an operator's tool, not worth its import at every start-up.
+        from meshproxy.core.explain import explain_request, to_json
+
         try:
             expl = explain_request(
                 self.hosts,

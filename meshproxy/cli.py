@@ -25,7 +25,6 @@ from meshproxy import __version__
 from meshproxy.app import App, ReloadResult
 from meshproxy.config.load import load_paths, parse_duration, parse_host_port
 from meshproxy.config.model import AccessLogFormat, MeshConfig
-from meshproxy.core.explain import explain_request, lint, to_json, to_text
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable
 from meshproxy.errors import ConfigError
@@ -203,6 +202,8 @@ def _route(
     if loaded is None:
         return 1
     _, hosts, routes = loaded
+    from meshproxy.core.explain import explain_request, to_json, to_text  # not needed by `run`
+
     try:
         expl = explain_request(hosts, routes, method=method, url=url, headers=headers)
     except ValueError as exc:
@@ -228,6 +229,8 @@ def _validate(paths: list[str]) -> int:
         flush=True,
     )
     # Warnings go to stderr so the summary stays one line for scripts; they never fail validate.
+    from meshproxy.core.explain import lint  # imported here: `run` does not need it
+
     warnings = lint(config, hosts, routes)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -10,7 +10,7 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -28,6 +28,8 @@ from helpers import (
     service_entry,
     upstream,
 )
+
+from meshproxy.io.watch import FileWatcher, fingerprint
 
 RELOADED = "meshproxy reloaded:"
 REJECTED = "meshproxy reload rejected:"
@@ -364,3 +366,31 @@ async def test_changed_cluster_finishes_in_flight_requests_then_closes_old_conne
         await stop(px)
     finally:
         px.stop()
+
+
+async def test_file_watcher_sees_edits_removals_and_returns(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    (conf / "sub").mkdir(parents=True)
+    a, b = conf / "a.yaml", conf / "sub" / "b.yml"
+    a.write_text("a: 1\n")
+    b.write_text("b: 1\n")
+    changed = asyncio.Event()
+    watcher = FileWatcher([str(conf)], 0.01, changed.set)
+    watcher.start()
+    try:
+
+        async def change(action: Callable[[], object]) -> None:
+            changed.clear()
+            action()
+            async with asyncio.timeout(5):
+                await changed.wait()
+
+        await change(lambda: write(a, "a: 2\n"))  # edited (replaced)
+        await change(b.unlink)  # removed
+        await change(lambda: b.write_text("b: 2\n"))  # back
+        await change(lambda: (conf / "c.yaml").write_text("c: 1\n"))  # a new file in the dir
+        # Files that are not YAML are not part of the configuration.
+        (conf / "notes.txt").write_text("x")
+        assert fingerprint([str(conf)]) == watcher._last
+    finally:
+        watcher.stop()

@@ -404,8 +404,9 @@ class App:
 
     # -- reload ---------------------------------------------------------------------------------
     def request_reload(self) -> None:
-        """Reload soon (SIGHUP, or the files changed); one reload runs at a time, and a request
-        that arrives during one runs once more after it (it may have read the files too early)."""
+        """Reload soon (SIGHUP, or the files changed). One reload runs at a time: requests made
+        before it reads the files are served by it; one made while it runs (it may have read the
+        files too early) makes it run once more."""
         if self.state is not State.LIVE:
             return
         task = self._reload_task

@@ -7,6 +7,8 @@ its in-flight requests on its old pool, whose connections then close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -29,6 +31,9 @@ from helpers import (
     upstream,
 )
 
+from meshproxy.app import App, ReloadResult
+from meshproxy.config.load import load_paths, load_texts
+from meshproxy.config.model import MeshConfig
 from meshproxy.io.watch import FileWatcher, fingerprint
 
 RELOADED = "meshproxy reloaded:"
@@ -398,3 +403,85 @@ async def test_file_watcher_sees_edits_removals_and_returns(tmp_path: Path) -> N
         assert fingerprint([str(conf)]) == watcher._last
     finally:
         watcher.stop()
+
+
+# -- in-process: the App's reload paths ------------------------------------------------------
+
+
+async def test_tables_that_cannot_be_built_are_rejected_not_raised() -> None:
+    async with upstream(labelled("v1")) as v1, upstream(labelled("v2")) as v2:
+        config = load_texts([("t.yaml", reviews_config(v1.port, v2.port, weights=(100, 0)))])
+        async with proxy_in_process(config) as app:
+            # Past validation (as a bug in it would let through): routes to an unknown service.
+            broken = dataclasses.replace(config, service_entries=())
+            result = await app.reload(broken)
+            assert result == ReloadResult(
+                accepted=False,
+                version=1,
+                errors=("destination host 'reviews' is not a known service",),
+            )
+            assert app.config is config and app.runtime is not None and app.runtime.version == 1
+            assert app.metrics is not None
+            assert b'meshproxy_config_reloads_total{result="rejected"} 1.0' in (
+                app.metrics.exposition()
+            )
+            r = await get(app.listeners["outbound"].port)
+            assert (r.status, r.header("x-upstream")) == (200, "v1")
+
+
+async def test_no_reload_while_draining() -> None:
+    async with upstream(labelled("v1")) as v1, upstream(labelled("v2")) as v2:
+        config = load_texts([("t.yaml", reviews_config(v1.port, v2.port, weights=(100, 0)))])
+        async with proxy_in_process(config) as app:
+            app.begin_drain()
+            result = await app.reload(config)
+            assert result == ReloadResult(
+                accepted=False, version=1, errors=("not reloading while DRAINING",)
+            )
+            app.request_reload()  # ignored: nothing scheduled
+            assert app._reload_task is None
+
+
+async def test_reload_requests_during_a_reload_coalesce_into_one_more(tmp_path: Path) -> None:
+    async with upstream(labelled("v1")) as v1, upstream(labelled("v2")) as v2:
+        path = tmp_path / "mesh.yaml"
+        path.write_text(reviews_config(v1.port, v2.port, weights=(100, 0)))
+        app = App(load_paths([str(path)]), config_paths=[str(path)])
+        await app.start()
+        try:
+            results: list[ReloadResult] = []
+            app.on_reload = results.append
+            # Requests before the files are read are one reload: it will read them all.
+            app.request_reload()
+            app.request_reload()
+            app.request_reload()
+            task = app._reload_task
+            assert task is not None
+            await asyncio.wait_for(task, 10)
+            assert [(r.accepted, r.version) for r in results] == [(True, 2)]
+
+            # A request while a reload runs (it may have read the files too early): one more.
+            def again(result: ReloadResult) -> None:
+                results.append(result)
+                if result.version == 3:
+                    app.request_reload()
+                    app.request_reload()
+
+            app.on_reload = again
+            app.request_reload()
+            task = app._reload_task
+            assert task is not None
+            await asyncio.wait_for(task, 10)
+            assert [(r.accepted, r.version) for r in results] == [(True, 2), (True, 3), (True, 4)]
+        finally:
+            await app.close()
+
+
+@contextlib.asynccontextmanager
+async def proxy_in_process(config: MeshConfig) -> AsyncIterator[App]:
+    app = App(config)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.close()

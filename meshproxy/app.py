@@ -235,7 +235,7 @@ class App:
                 await gate()
             for name, address in runtime.addresses.items():
                 self.listeners[name] = await self._listen(name, address, runtime.handlers[name])
-        except OSError:
+        except BaseException:  # a bind that failed, a gate that raised, a cancelled start
             await self.close()
             raise
         self._start_sweeper()

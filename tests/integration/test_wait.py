@@ -160,3 +160,16 @@ async def test_wait_usage_errors_exit_2(args: list[str], message: str) -> None:
     code, out, err = await wait_cmd(*args)
     assert (code, out) == (2, "")
     assert message in err
+
+
+async def test_a_failing_readiness_gate_fails_the_start_and_closes_everything() -> None:
+    async def certificates_missing() -> None:
+        raise FileNotFoundError("/etc/certs/cert-chain.pem")
+
+    config = load_texts([("t.yaml", join(bootstrap(), service_entry("reviews", [9])))])
+    app = App(config, readiness_gates=[certificates_missing])
+    with pytest.raises(FileNotFoundError):
+        await app.start()
+    assert app.state is State.STOPPED and app.listeners == {}
+    assert app.admin is not None and app.admin.server is not None
+    assert not app.admin.server.is_serving()  # the admin server was closed again

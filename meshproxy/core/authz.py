@@ -78,6 +78,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import assert_never
 
 from meshproxy.config.istio import ROOT_NAMESPACE
 from meshproxy.config.model import (
@@ -490,8 +491,8 @@ def _condition(cond: Condition, namespace: str, needs: _Needs) -> Predicate:
             make = _port_pred
         case Attribute.CONNECTION_SNI:
             make = _sni_pred
-        case _:  # pragma: no cover - every Attribute is handled above
-            raise AssertionError(attr)
+        case _:
+            assert_never(attr)
     out: list[Predicate] = []
     _pair(out, cond.values, cond.not_values, make)
     return _all(out) if out else _always

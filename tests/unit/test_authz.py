@@ -346,7 +346,9 @@ BOB = Condition(key="request.headers[x-user]", values=("bob",))
         (rule(sources=[ME], operations=[POST]), False),  # from AND to
         (rule(sources=[OTHER], operations=[GET]), False),
         (rule(sources=[OTHER, ME]), True),  # any from
+        (rule(sources=[OTHER, OTHER]), False),
         (rule(operations=[POST, GET]), True),  # any to
+        (rule(operations=[POST, POST]), False),
         (rule(sources=[ME], when=[ALICE]), True),
         (rule(sources=[ME], when=[ALICE, BOB]), False),  # every when
         (rule(operations=[GET], when=[BOB]), False),

@@ -386,6 +386,17 @@ AP_CASES = [
         "spec.rules[0].from[0].source.notRemoteIpBlocks[0]",
         "invalid IP address or CIDR range '10.0.0.0/33'",
     ),
+    (
+        """
+        rules:
+        - from:
+          - source:
+              ipBlocks: ["10.0.0.0/8", ""]
+        """,
+        'ipBlocks: ["10.0.0.0/8", ""]',
+        "spec.rules[0].from[0].source.ipBlocks[1]",
+        "empty value not allowed",  # once: an empty value is not also an invalid address
+    ),
     # ---- operations
     (
         """

@@ -9,6 +9,7 @@ allow-nothing, and which policies apply to a workload. The request used througho
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -158,6 +159,14 @@ SOURCE_CASES: list[tuple[dict[str, tuple[str, ...]], dict[str, Any], bool]] = [
     ({"ip_blocks": ("10.0.0.0/8",)}, {"source_ip": "::ffff:10.0.0.5"}, True),
     ({"ip_blocks": ("0.0.0.0/0",)}, {"source_ip": ""}, False),
     ({"ip_blocks": ("0.0.0.0/0",)}, {"source_ip": "not-an-ip"}, False),
+    ({"ip_blocks": ("0.0.0.0/0",)}, {"source_ip": "010.0.0.5"}, False),  # ipaddress: no leading 0
+    ({"ip_blocks": ("0.0.0.0/0",)}, {"source_ip": "10.0.0.256"}, False),
+    ({"ip_blocks": ("0.0.0.0/0",)}, {"source_ip": "a.b.c.d"}, False),
+    ({"ip_blocks": ("::/0",)}, {"source_ip": "10.0.0.5"}, False),  # a v4 peer is not in v6
+    ({"ip_blocks": ("2001:db8::/32",)}, {"source_ip": "2001:db8::7"}, True),
+    ({"ip_blocks": ("2001:db8::/32",)}, {"source_ip": "2001:db9::7"}, False),
+    ({"ip_blocks": ("10.0.0.5/32",)}, {"source_ip": "10.0.0.5"}, True),
+    ({"ip_blocks": ("255.255.255.255",)}, {"source_ip": "255.255.255.255"}, True),
     ({"not_ip_blocks": ("10.0.0.0/8",)}, {}, False),
     ({"not_ip_blocks": ("192.168.0.0/16",)}, {}, True),
     ({"not_ip_blocks": ("0.0.0.0/0",)}, {"source_ip": ""}, True),
@@ -573,6 +582,28 @@ def test_from_yaml_config_without_policies_is_inactive() -> None:
     az = Authorizer.from_config(load_texts([("boot.yaml", BOOT)]))
     assert az.inactive
     assert az.check(request(principal="")).allowed
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "", "x", "1e1"])
+        ),
+        min_size=3,
+        max_size=5,
+    ),
+    st.integers(0, 32),
+)
+def test_hand_parsed_ipv4_agrees_with_ipaddress(parts: list[str], prefix: int) -> None:
+    """The IPv4 fast path accepts exactly what ``ipaddress`` accepts, with the same value."""
+    text = ".".join(parts)
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(text)
+    except ValueError:
+        addr = None
+    net = ipaddress.ip_network(f"10.20.30.40/{prefix}", strict=False)
+    az = authorizer(policy(rules=[rule(sources=[AuthorizationSource(ip_blocks=(str(net),))])]))
+    assert az.check(request(source_ip=text)).allowed is (addr is not None and addr in net)
 
 
 # ---------------------------------------------------------------------------------------------

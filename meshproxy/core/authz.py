@@ -39,7 +39,9 @@ Per field:
   trusts XFF (``xff_num_trusted_hops`` 0, Istio's sidecar default), so remote == source here.
 - ``hosts``: case-insensitive, against the Host / ``:authority`` both as sent and without its
   port (so ``example.com`` matches ``example.com:8080``).
-- ``ports`` / ``destination.port``: the destination (listener) port, exact.
+- ``ports`` / ``destination.port``: the destination port, exact. In Istio this is the workload
+  (container) port the client addressed, i.e. the original destination of the redirected
+  connection; the stack passes that when it knows it, else the inbound listener's port.
 - ``methods``: Istio's header matcher on ``:method`` (the forms above; ``*`` = any).
 - ``paths``: the path without query string and fragment. A value containing ``{*}`` or ``{**}``
   is an Envoy URI template: ``{*}`` is one non-empty segment of RFC 3986 pchars, ``{**}`` any run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -648,3 +649,87 @@ def test_template_one_segment_matches_exactly_one_segment(
         i = segments.index("{*}")
         assert not matcher.matches("/" + "/".join([*filled[:i], "p/q", *filled[i + 1 :]]))
         assert not matcher.matches("/" + "/".join([*filled[:i], "", *filled[i + 1 :]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: the decision is Istio's order over any mix of policies
+
+ACTIONS = st.sampled_from([AuthorizationAction.ALLOW, DENY, AUDIT])
+# (action, has rules, its rule matches the request)
+POLICY_SHAPE = st.tuples(ACTIONS, st.booleans(), st.booleans())
+
+
+def expected_decision(shapes: list[tuple[AuthorizationAction, bool, bool]]) -> AuthzDecision:
+    """Istio's order, written out plainly: AUDIT reports, DENY, no ALLOW, ALLOW, deny."""
+    names = [f"default/p{i}" for i in range(len(shapes))]
+    matching = [has_rules and hit for _, has_rules, hit in shapes]
+
+    def first(action: AuthorizationAction) -> str:
+        return next(
+            (
+                n
+                for n, (a, _, _), m in zip(names, shapes, matching, strict=True)
+                if a is action and m
+            ),
+            "",
+        )
+
+    audited = first(AUDIT)
+    if first(DENY):
+        return AuthzDecision(allowed=False, policy=first(DENY), audited=audited)
+    if not any(a is AuthorizationAction.ALLOW for a, _, _ in shapes):
+        return AuthzDecision(allowed=True, audited=audited)
+    if first(AuthorizationAction.ALLOW):
+        return AuthzDecision(allowed=True, policy=first(AuthorizationAction.ALLOW), audited=audited)
+    return AuthzDecision(allowed=False, audited=audited)
+
+
+@given(st.lists(POLICY_SHAPE, max_size=6))
+def test_decision_follows_istio_order(shapes: list[tuple[AuthorizationAction, bool, bool]]) -> None:
+    policies = [
+        policy(f"p{i}", action=action, rules=(MATCHES if hit else NO_MATCH) if has_rules else ())
+        for i, (action, has_rules, hit) in enumerate(shapes)
+    ]
+    az = authorizer(*policies)
+    assert az.inactive is (not shapes)
+    assert az.check(request()) == expected_decision(shapes)
+
+
+def test_deny_with_an_empty_rule_from_yaml_denies_everything() -> None:
+    deny_all = doc(
+        """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: deny-all}
+        spec:
+          action: DENY
+          rules: [{}]
+        """
+    )
+    az = Authorizer.from_config(load_texts([("boot.yaml", BOOT), ("d.yaml", deny_all)]))
+    assert az.check(request()) == AuthzDecision(allowed=False, policy="default/deny-all")
+    assert az.check(request(principal="", method="OPTIONS")).allowed is False
+
+
+def test_check_compiles_no_regex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Templates and namespace globs are compiled at build; a request compiles nothing."""
+    az = authorizer(
+        policy(
+            rules=[
+                rule(
+                    sources=[AuthorizationSource(namespaces=("s*p",))],
+                    operations=[AuthorizationOperation(paths=("/api/{*}/items", "/x/{**}"))],
+                    when=[Condition(key="source.principal", values=("*",))],
+                )
+            ]
+        )
+    )
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("regex compiled on the request path")
+
+    monkeypatch.setattr(re, "compile", refuse)
+    monkeypatch.setattr(re, "_compile", refuse)
+    assert az.check(request()).allowed
+    assert not az.check(request(path="/api/a/b/items")).allowed
+    assert not az.check(request(principal="cluster.local/ns/default/sa/x")).allowed

@@ -176,6 +176,8 @@ BOOT = doc(
       serviceAccount: reviews
       admin: 127.0.0.1:0
       inbound: {address: 127.0.0.1:0, app: 127.0.0.1:9080}
+      # STRICT needs a certificate; loading names the files, only the TLS edge reads them.
+      tls: {certChain: cert.pem, privateKey: key.pem, rootCert: ca.pem}
     """
 )
 

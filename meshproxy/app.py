@@ -214,6 +214,8 @@ class App:
             idle_timeout=timeouts.idle,
             request_headers_timeout=timeouts.request_headers,
             retry_buffer=self.config.bootstrap.spec.retry_buffer_bytes,
+            # Only outbound routes by where the app connected (transparent capture, issue #8).
+            original_dst=name == "outbound",
         )
         await listener.start()
         self.listeners[name] = listener

@@ -38,6 +38,7 @@ from meshproxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from meshproxy.io.capture import UNSUPPORTED, original_destination
 from meshproxy.io.handler import Forward, Handler
 from meshproxy.io.mirror import MIRROR_BODY_MAX, shadow
 from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
@@ -108,6 +109,7 @@ class DownstreamConnection(asyncio.Protocol):
         "handler",
         "listener",
         "loop",
+        "original_dst",
         "peer",
         "phase",
         "pool",
@@ -130,6 +132,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.codec = H11ServerCodec()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
+        # Where the app connected before an iptables REDIRECT ("ip:port"; "" if not redirected).
+        self.original_dst = ""
         self.phase = Phase.IDLE
         self.since = self.loop.time()
         self._pause = 0
@@ -175,6 +179,12 @@ class DownstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.listener.original_dst:
+                # One getsockopt per connection (the outbound listener only), as Envoy's
+                # original_dst listener filter; a kernel without conntrack is asked once.
+                self.original_dst, err = original_destination(sock)
+                if err == UNSUPPORTED:
+                    self.listener.original_dst = False
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.listener.connections.add(self)
 
@@ -273,6 +283,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.phase = Phase.ACTIVE
         now = self.loop.time()
         record = self.record = RequestRecord(self.handler.direction, now, self.peer)
+        record.original_dst = self.original_dst
         try:
             forward = self.handler.on_request(head, record)
         except ProxyError as exc:
@@ -705,6 +716,7 @@ class DownstreamConnection(asyncio.Protocol):
             record = self.record = RequestRecord(
                 self.handler.direction, self.loop.time(), self.peer
             )
+            record.original_dst = self.original_dst
         record.add_flag(error.flag)
         record.response_code = error.status_hint
         close = error.close or self.listener.draining or not (self.request_done or self.bodyless)

@@ -53,6 +53,7 @@ class Listener:
         "idle_timeout",
         "loop",
         "name",
+        "original_dst",
         "port",
         "request_headers_timeout",
         "retry_buffer",
@@ -69,8 +70,11 @@ class Listener:
         idle_timeout: float,
         request_headers_timeout: float,
         retry_buffer: int = 64 * 1024,
+        original_dst: bool = False,
     ) -> None:
         self.name = name
+        # Read each connection's SO_ORIGINAL_DST (the outbound listener under iptables capture).
+        self.original_dst = original_dst
         self.address = address
         self.handler = handler
         self.loop = asyncio.get_running_loop()

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-
-from tests.helpers import free_env
+from helpers import free_env
 
 PID = os.getpid()
 NS_APP = f"mpcapA{PID}"
@@ -119,6 +118,20 @@ spec:
 """
 
 
+def as_user(uid: int) -> list[str]:
+    """``setpriv`` to run as ``uid``/``gid``. The interpreter may live under a directory only
+    root can enter (pyenv in /root), so the process keeps CAP_DAC_READ_SEARCH (read any file) and
+    nothing else; netfilter's ``-m owner`` matches the uid, whatever the capabilities."""
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+    ]
+
+
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
 
@@ -172,7 +185,7 @@ class Pod:
     def start(self, ns: str, *argv: str, user: int | None = None) -> subprocess.Popen[str]:
         prefix = ["ip", "netns", "exec", ns]
         if user is not None:
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+            prefix += as_user(user)
         env = free_env()
         env["PYTHONPATH"] = str(REPO)
         proc = subprocess.Popen(
@@ -211,11 +224,14 @@ class Pod:
         }
         return headers, json.loads(body)
 
-    def meshproxy(self, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    def meshproxy(
+        self, ns: str, *args: str, user: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env = free_env()
         env["PYTHONPATH"] = str(REPO)
+        prefix = ["ip", "netns", "exec", ns, *(as_user(user) if user is not None else [])]
         return subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "meshproxy", *args],
+            [*prefix, sys.executable, "-m", "meshproxy", *args],
             capture_output=True,
             text=True,
             timeout=20,
@@ -364,3 +380,11 @@ def test_applying_twice_is_refused_with_a_clear_error(pod: Pod) -> None:
     assert again.returncode == 4
     assert "iptables-restore refused the rules" in again.stderr
     assert "capture was applied before" in again.stderr
+
+
+def test_applying_without_root_is_refused_with_a_clear_error(pod: Pod) -> None:
+    # As the proxy's user (no CAP_NET_ADMIN), iptables-restore itself refuses.
+    done = pod.meshproxy(NS_APP, "iptables", "--apply", user=PROXY_UID)
+    assert done.returncode == 4
+    assert "iptables-restore refused the rules" in done.stderr
+    assert "needs root or CAP_NET_ADMIN" in done.stderr

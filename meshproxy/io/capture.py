@@ -7,14 +7,13 @@ connect before ``iptables -t nat ... -j REDIRECT`` sent it to the outbound liste
 ``original_dst`` listener filter does. The bytes are parsed by ``core/capture.py``. It also runs
 ``iptables-restore`` on the rules ``core/capture.py`` writes (``meshproxy iptables --apply``).
 
-Rules: never raises; a connection that was not redirected gives "" (the kernel answers ENOENT when
-conntrack has no entry, or the local address itself when it has one); ENOPROTOOPT (no netfilter
-conntrack for that family) makes the caller stop asking, since it cannot change while running.
+Rules: ``original_destination`` never raises: a connection that was not redirected gives "" (the
+kernel answers ENOENT when conntrack has no entry, ENOPROTOOPT without conntrack for the family, or
+the local address itself when nothing rewrote it); ``apply_rules`` raises ``IptablesError`` only.
 """
 
 from __future__ import annotations
 
-import errno
 import socket
 import subprocess
 from typing import Protocol
@@ -26,9 +25,6 @@ from meshproxy.core.capture import (
     format_address,
     parse_original_dst,
 )
-
-# The kernel cannot answer for this socket family at all (nf_conntrack not there): stop asking.
-UNSUPPORTED = errno.ENOPROTOOPT
 
 
 class _Socket(Protocol):
@@ -42,27 +38,30 @@ class _Socket(Protocol):
     def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
 
 
-def original_destination(sock: _Socket) -> tuple[str, int]:
-    """``("ip:port", 0)`` for a redirected connection, ``("", 0)`` when it was not redirected,
-    ``("", errno)`` when the kernel refused the question (the caller may stop asking)."""
-    family = sock.family
+def original_destination(sock: _Socket) -> str:
+    """``"ip:port"`` for a redirected connection; "" when it was not redirected or the kernel
+    cannot say. One ``getsockopt`` for an IPv4 socket (plus a ``getsockname`` when it answers)."""
     try:
-        local = sock.getsockname()
-        host = local[0]
-        # A dual-stack IPv6 socket accepting IPv4 connections asks the IPv4 table.
-        v4 = family == socket.AF_INET or host.startswith("::ffff:")
-        level = socket.SOL_IP if v4 else socket.IPPROTO_IPV6  # SOL_IPV6 == IPPROTO_IPV6 (41)
+        if sock.family == socket.AF_INET:
+            level = socket.SOL_IP
+        else:
+            # A dual-stack IPv6 socket accepting an IPv4 connection asks the IPv4 table.
+            v4 = sock.getsockname()[0].startswith("::ffff:")
+            level = socket.SOL_IP if v4 else socket.IPPROTO_IPV6  # SOL_IPV6 == IPPROTO_IPV6
         raw = sock.getsockopt(level, SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
-    except OSError as exc:
-        return "", exc.errno or 0
-    parsed = parse_original_dst(raw)
-    if parsed is None:
-        return "", 0
+        parsed = parse_original_dst(raw)
+        if parsed is None:
+            return ""
+        local = sock.getsockname()
+    except OSError:
+        # ENOENT: conntrack has no entry (nothing redirected it); ENOPROTOOPT: no conntrack for
+        # this family. Either way there is no other destination to route by.
+        return ""
     ip, port = parsed
-    local_ip = host[7:] if host.startswith("::ffff:") else host
-    if ip == local_ip and port == local[1]:
-        return "", 0  # conntrack knows the connection, but nothing rewrote it
-    return format_address(ip, port), 0
+    host = local[0]
+    if ip == (host[7:] if host.startswith("::ffff:") else host) and port == local[1]:
+        return ""  # conntrack knows the connection, but nothing rewrote its destination
+    return format_address(ip, port)
 
 
 # -- applying the rules ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from meshproxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from meshproxy.io.capture import UNSUPPORTED, original_destination
+from meshproxy.io.capture import original_destination
 from meshproxy.io.handler import Forward, Handler
 from meshproxy.io.mirror import MIRROR_BODY_MAX, shadow
 from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
@@ -181,10 +181,8 @@ class DownstreamConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.listener.original_dst:
                 # One getsockopt per connection (the outbound listener only), as Envoy's
-                # original_dst listener filter; a kernel without conntrack is asked once.
-                self.original_dst, err = original_destination(sock)
-                if err == UNSUPPORTED:
-                    self.listener.original_dst = False
+                # original_dst listener filter: where the app connected before a REDIRECT.
+                self.original_dst = original_destination(sock)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.listener.connections.add(self)
 

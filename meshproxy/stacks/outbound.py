@@ -68,9 +68,9 @@ class OutboundStack:
         # 2. Route: the VirtualService rule (or the host's own cluster) picks the destination and
         #    rewrites the head; redirects, direct responses, CORS preflights and fault aborts end
         #    the request here, before any upstream work.
-        #     A transparently captured connection (iptables REDIRECT) whose Host names no
-        #     registered host is routed by its original destination: the ServiceEntry whose
-        #     addresses and port it is (as Envoy picks the listener by address and port).
+        #    A transparently captured connection (iptables REDIRECT) whose Host names no
+        #    registered host is routed by its original destination: the ServiceEntry whose
+        #    addresses and port it is (as Envoy picks the listener by address and port).
         service = ""
         original_dst = record.original_dst
         if original_dst:

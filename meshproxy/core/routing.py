@@ -311,10 +311,7 @@ class HostTable:
         # A ServiceEntry with several hosts shares its addresses; its first host answers for them
         # (the first definition wins, as for host names).
         for text in addresses:
-            try:
-                net = ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                continue  # validation reports it; an unusable address matches nothing
+            net = ipaddress.ip_network(text, strict=False)  # validated at load (config/istio.py)
             if net.prefixlen == net.max_prefixlen:
                 self._by_ip.setdefault(str(net.network_address), service)
             else:

@@ -14,6 +14,7 @@ import struct
 import sys
 
 import pytest
+from config_helpers import line_of, only_issue
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -399,7 +400,7 @@ kind: ServiceEntry
 metadata: {name: wide, namespace: default}
 spec:
   hosts: [wide.example]
-  addresses: [10.254.0.0/16, "fd00:254::/64", not-an-address]
+  addresses: [10.254.0.0/16, "fd00:254::/64"]
   ports: [{number: 8080, name: http}]
   resolution: NONE
 ---
@@ -484,6 +485,18 @@ def test_knows(hosts: HostTable) -> None:
     assert hosts.knows("alias.example")
     assert not hosts.knows("10.254.0.2")
     assert not hosts.knows("elsewhere.example")
+
+
+def test_an_address_that_is_not_an_ip_or_cidr_is_a_config_error() -> None:
+    text = CONFIG.replace('"fd00:254::/64"]', '"fd00:254::/64", not-an-address]')
+    issue = only_issue(("capture.yaml", text))
+    assert (issue.file, issue.line, issue.where, issue.path) == (
+        "capture.yaml",
+        line_of(text, "not-an-address"),
+        "ServiceEntry wide",
+        "spec.addresses[2]",
+    )
+    assert issue.message == "'not-an-address' is not an IP address or CIDR"
 
 
 def test_no_addresses_no_lookup() -> None:

@@ -12,7 +12,8 @@ listener (the proxy's own upstream connection is not, or it would loop), the pro
 original destination, routes by the ServiceEntry whose ``addresses`` hold it, and applies its
 VirtualService (subset v2 on another port, a response header); an address no ServiceEntry has is
 passed through to that original address whatever the Host header says; and a connection from B to
-the app's port in A is redirected to the inbound listener.
+the app's port in A is redirected to the inbound listener. A second pair of namespaces does the
+outbound part over IPv6 (fd00:254::/64, ``--ipv6``: ip6tables and ``IP6T_SO_ORIGINAL_DST``).
 
 Skips only where the kernel refuses network namespaces (``ip netns add`` fails with EPERM);
 CI runs as root, where it must pass. Needs ``ip`` (iproute2), ``iptables`` and ``curl``.
@@ -37,17 +38,11 @@ import pytest
 from helpers import free_env
 
 PID = os.getpid()
-NS_APP = f"mpcapA{PID}"
-NS_SVC = f"mpcapB{PID}"
-VETH_APP = f"mpa{PID}"[:15]
-VETH_SVC = f"mpb{PID}"[:15]
-APP_IP = "10.254.0.1"
-SVC_IP = "10.254.0.2"
 PROXY_UID = 1337
 REPO = Path(__file__).resolve().parents[2]
 
 ECHO_SERVER = """\
-import http.server, json, sys, threading
+import http.server, json, socket, sys, threading
 
 class Echo(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -67,22 +62,27 @@ class Echo(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-servers = [http.server.ThreadingHTTPServer((sys.argv[1], int(p)), Echo) for p in sys.argv[2:]]
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+
+servers = [Server((sys.argv[1], int(p)), Echo) for p in sys.argv[2:]]
 for server in servers:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()  # serve until the test closes our stdin
 """
 
-CONFIG = f"""\
+
+def mesh_config(svc_ip: str, any_ip: str) -> str:
+    return f"""\
 apiVersion: meshproxy.io/v1alpha1
 kind: MeshProxy
 metadata: {{name: app, namespace: default}}
 spec:
   admin: 127.0.0.1:15000
   # Istio's ports: the REDIRECT targets (run as `meshproxy iptables --apply` wrote them).
-  outbound: {{address: 0.0.0.0:15001}}
-  inbound: {{address: 0.0.0.0:15006, app: 127.0.0.1:8000}}
+  outbound: {{address: "{any_ip}:15001"}}
+  inbound: {{address: "{any_ip}:15006", app: 127.0.0.1:8000}}
   outboundTrafficPolicy: ALLOW_ANY
 ---
 apiVersion: networking.istio.io/v1
@@ -90,12 +90,12 @@ kind: ServiceEntry
 metadata: {{name: svc, namespace: default}}
 spec:
   hosts: [svc.capture.test]
-  addresses: [{SVC_IP}]
+  addresses: ["{svc_ip}"]
   ports: [{{number: 8080, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
-  - {{address: {SVC_IP}, ports: {{http: 8080}}, labels: {{version: v1}}}}
-  - {{address: {SVC_IP}, ports: {{http: 8081}}, labels: {{version: v2}}}}
+  - {{address: "{svc_ip}", ports: {{http: 8080}}, labels: {{version: v1}}}}
+  - {{address: "{svc_ip}", ports: {{http: 8081}}, labels: {{version: v2}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -178,6 +178,10 @@ class Pod:
     """The two namespaces and what runs in them."""
 
     tmp: Path
+    ns_app: str  # the pod: app, sidecar, capture rules
+    ns_svc: str  # the service
+    app_ip: str
+    svc_ip: str
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     proxy: subprocess.Popen[str] | None = None
     proxy_out: Lines | None = None
@@ -206,7 +210,7 @@ class Pod:
 
     def curl(self, ns: str, url: str, *extra: str) -> tuple[dict[str, str], dict[str, object]]:
         """An unmodified client in ``ns`` (root): response headers and the echoed JSON body."""
-        curl = ["curl", "-sS", "--noproxy", "*", "-m", "5", "-D", "-", *extra, url]
+        curl = ["curl", "-sS", "-g", "--noproxy", "*", "-m", "5", "-D", "-", *extra, url]
         done = subprocess.run(
             ["ip", "netns", "exec", ns, *curl],
             capture_output=True,
@@ -252,37 +256,44 @@ class Pod:
                         stream.close()
 
 
-@pytest.fixture(scope="module")
-def pod() -> Iterator[Pod]:
-    probe = _ip("netns", "add", NS_APP)
+@contextlib.contextmanager
+def running_pod(tag: str, app_ip: str, svc_ip: str, prefix_len: int) -> Iterator[Pod]:
+    """Namespaces A (pod) and B (service) joined by a veth pair; capture applied in A (with
+    ``--ipv6`` for IPv6 addresses); the echo servers and meshproxy running. All removed after."""
+    v6 = ":" in svc_ip
+    ns_app, ns_svc = f"mpcap{tag}A{PID}", f"mpcap{tag}B{PID}"
+    veth_app, veth_svc = f"mp{tag}a{PID}"[:15], f"mp{tag}b{PID}"[:15]
+    probe = _ip("netns", "add", ns_app)
     if probe.returncode != 0 and (
         "Operation not permitted" in probe.stderr or "Permission denied" in probe.stderr
     ):
         pytest.skip(f"the kernel refuses network namespaces here: {probe.stderr.strip()}")
     assert probe.returncode == 0, f"ip netns add: {probe.stderr.strip()}"
     tmp = Path(tempfile.mkdtemp(prefix="meshproxy-capture-"))
-    pod = Pod(tmp)
+    pod = Pod(tmp, ns_app=ns_app, ns_svc=ns_svc, app_ip=app_ip, svc_ip=svc_ip)
     try:
-        _must("netns", "add", NS_SVC)
-        _must("link", "add", VETH_APP, "type", "veth", "peer", "name", VETH_SVC)
-        _must("link", "set", VETH_APP, "netns", NS_APP)
-        _must("link", "set", VETH_SVC, "netns", NS_SVC)
-        for ns, dev, addr in ((NS_APP, VETH_APP, APP_IP), (NS_SVC, VETH_SVC, SVC_IP)):
-            _must("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+        _must("netns", "add", ns_svc)
+        _must("link", "add", veth_app, "type", "veth", "peer", "name", veth_svc)
+        _must("link", "set", veth_app, "netns", ns_app)
+        _must("link", "set", veth_svc, "netns", ns_svc)
+        for ns, dev, addr in ((ns_app, veth_app, app_ip), (ns_svc, veth_svc, svc_ip)):
+            # nodad: an IPv6 address is usable at once, not after duplicate address detection.
+            extra = ["nodad"] if v6 else []
+            _must("-n", ns, "addr", "add", f"{addr}/{prefix_len}", "dev", dev, *extra)
             _must("-n", ns, "link", "set", dev, "up")
             _must("-n", ns, "link", "set", "lo", "up")
         # The proxy runs as uid 1337 and must read its config (mkdtemp makes the dir 0700).
         tmp.chmod(0o755)
         (tmp / "echo.py").write_text(ECHO_SERVER)
-        (tmp / "mesh.yaml").write_text(CONFIG)
+        (tmp / "mesh.yaml").write_text(mesh_config(svc_ip, "[::]" if v6 else "0.0.0.0"))
         # The service: v1 on 8080, v2 on 8081, and 9090 that no ServiceEntry declares.
-        pod.echo(NS_SVC, "0.0.0.0", 8080, 8081, 9090)
+        pod.echo(ns_svc, "::" if v6 else "0.0.0.0", 8080, 8081, 9090)
         # The app's own server in the pod, for inbound capture (reached through 15006).
-        pod.echo(NS_APP, "127.0.0.1", 8000)
-        applied = pod.meshproxy(NS_APP, "iptables", "--apply")
+        pod.echo(ns_app, "127.0.0.1", 8000)
+        applied = pod.meshproxy(ns_app, "iptables", "--apply", *(["--ipv6"] if v6 else []))
         assert applied.returncode == 0, applied.stderr
         proxy = pod.start(
-            NS_APP,
+            ns_app,
             sys.executable,
             "-m",
             "meshproxy",
@@ -306,11 +317,25 @@ def pod() -> Iterator[Pod]:
         yield pod
     finally:
         pod.close()
-        _ip("netns", "del", NS_APP)
-        _ip("netns", "del", NS_SVC)  # deleting B's end's namespace removes the veth pair
+        _ip("netns", "del", ns_app)
+        _ip("netns", "del", ns_svc)  # deleting B's end's namespace removes the veth pair
         for path in tmp.iterdir():
             path.unlink()
         tmp.rmdir()
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[Pod]:
+    # Addresses only on the veth pair this test creates (a private /30).
+    with running_pod("4", "10.254.0.1", "10.254.0.2", 30) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pod6() -> Iterator[Pod]:
+    # A unique local (fd00::/8) /64 on the veth pair, for ip6tables and IP6T_SO_ORIGINAL_DST.
+    with running_pod("6", "fd00:254::1", "fd00:254::2", 64) as running:
+        yield running
 
 
 def _proxy_uid(pid: int) -> int:
@@ -323,7 +348,7 @@ def _proxy_uid(pid: int) -> int:
 
 def test_capture_rules_are_in_the_pods_namespace(pod: Pod) -> None:
     done = subprocess.run(
-        ["ip", "netns", "exec", NS_APP, "iptables", "-t", "nat", "-S"],
+        ["ip", "netns", "exec", pod.ns_app, "iptables", "-t", "nat", "-S"],
         capture_output=True,
         text=True,
         timeout=10,
@@ -336,36 +361,38 @@ def test_capture_rules_are_in_the_pods_namespace(pod: Pod) -> None:
 
 
 def test_app_call_to_a_service_address_gets_its_virtual_service(pod: Pod) -> None:
-    headers, body = pod.curl(NS_APP, f"http://{SVC_IP}:8080/hello")
+    headers, body = pod.curl(pod.ns_app, f"http://{pod.svc_ip}:8080/hello")
     # The VirtualService applied: subset v2 (port 8081) answered, with the rule's header.
     assert body["port"] == 8081
     assert headers["x-mesh-route"] == "v2"
     assert body["path"] == "/hello"
     seen = body["headers"]
     assert isinstance(seen, dict)
-    assert seen["host"] == f"{SVC_IP}:8080"  # the app's Host header travels unchanged
+    assert seen["host"] == f"{pod.svc_ip}:8080"  # the app's Host header travels unchanged
     assert "x-request-id" in seen  # added by the proxy; curl sends none
     assert pod.proxy_out is not None
     line = pod.proxy_out.wait_for('"GET /hello HTTP/1.1" 200')
-    assert f'"{SVC_IP}:8081" outbound|8080|v2|svc.capture.test outbound' in line
+    assert f'"{pod.svc_ip}:8081" outbound|8080|v2|svc.capture.test outbound' in line
 
 
 def test_unknown_address_passes_through_to_the_original_destination(pod: Pod) -> None:
     # No ServiceEntry has port 9090; the Host header names a host that does not resolve.
     # ALLOW_ANY passes it through to where the app connected (PassthroughCluster is ORIGINAL_DST).
-    headers, body = pod.curl(NS_APP, f"http://{SVC_IP}:9090/through", "-H", "Host: nowhere.invalid")
+    headers, body = pod.curl(
+        pod.ns_app, f"http://{pod.svc_ip}:9090/through", "-H", "Host: nowhere.invalid"
+    )
     assert body["port"] == 9090
     seen = body["headers"]
     assert isinstance(seen, dict) and seen["host"] == "nowhere.invalid"
     assert "x-mesh-route" not in headers
     assert pod.proxy_out is not None
     line = pod.proxy_out.wait_for('"GET /through HTTP/1.1" 200')
-    assert f'"{SVC_IP}:9090" PassthroughCluster outbound' in line
+    assert f'"{pod.svc_ip}:9090" PassthroughCluster outbound' in line
 
 
 def test_inbound_connection_is_redirected_to_the_inbound_listener(pod: Pod) -> None:
     # From the service's namespace to the app's port in the pod: PREROUTING -> 15006 -> app.
-    _, body = pod.curl(NS_SVC, f"http://{APP_IP}:8000/in")
+    _, body = pod.curl(pod.ns_svc, f"http://{pod.app_ip}:8000/in")
     assert body["port"] == 8000
     assert body["path"] == "/in"
     seen = body["headers"]
@@ -376,7 +403,7 @@ def test_inbound_connection_is_redirected_to_the_inbound_listener(pod: Pod) -> N
 
 
 def test_applying_twice_is_refused_with_a_clear_error(pod: Pod) -> None:
-    again = pod.meshproxy(NS_APP, "iptables", "--apply")
+    again = pod.meshproxy(pod.ns_app, "iptables", "--apply")
     assert again.returncode == 4
     assert "iptables-restore refused the rules" in again.stderr
     assert "capture was applied before" in again.stderr
@@ -384,7 +411,26 @@ def test_applying_twice_is_refused_with_a_clear_error(pod: Pod) -> None:
 
 def test_applying_without_root_is_refused_with_a_clear_error(pod: Pod) -> None:
     # As the proxy's user (no CAP_NET_ADMIN), iptables-restore itself refuses.
-    done = pod.meshproxy(NS_APP, "iptables", "--apply", user=PROXY_UID)
+    done = pod.meshproxy(pod.ns_app, "iptables", "--apply", user=PROXY_UID)
     assert done.returncode == 4
     assert "iptables-restore refused the rules" in done.stderr
     assert "needs root or CAP_NET_ADMIN" in done.stderr
+
+
+def url(ip: str, port: int, path: str) -> str:
+    return f"http://[{ip}]:{port}{path}" if ":" in ip else f"http://{ip}:{port}{path}"
+
+
+def test_ipv6_app_call_gets_its_virtual_service_and_passthrough(pod6: Pod) -> None:
+    headers, body = pod6.curl(pod6.ns_app, url(pod6.svc_ip, 8080, "/six"))
+    assert body["port"] == 8081
+    assert headers["x-mesh-route"] == "v2"
+    assert pod6.proxy_out is not None
+    line = pod6.proxy_out.wait_for('"GET /six HTTP/1.1" 200')
+    assert f'"[{pod6.svc_ip}]:8081" outbound|8080|v2|svc.capture.test outbound' in line
+    _, body = pod6.curl(
+        pod6.ns_app, url(pod6.svc_ip, 9090, "/six-through"), "-H", "Host: nowhere.invalid"
+    )
+    assert body["port"] == 9090
+    line = pod6.proxy_out.wait_for('"GET /six-through HTTP/1.1" 200')
+    assert f'"[{pod6.svc_ip}]:9090" PassthroughCluster outbound' in line

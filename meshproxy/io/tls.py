@@ -37,7 +37,7 @@ from pathlib import Path
 from meshproxy.config.model import TLSMode, WorkloadTLS
 from meshproxy.core.origination import Origination, Verify
 from meshproxy.errors import CertCheck, CertificateError
-from meshproxy.io.ca import CertInfo, cert_info, issue_in_memory, load_pair, rotation_due
+from meshproxy.io.ca import ROTATION_RATIO, CertInfo, cert_info, issue_in_memory, load_pair
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +235,14 @@ class WorkloadCredentials:
             for name in (old.cert_file, old.key_file):
                 Path(name).unlink(missing_ok=True)
         if self.self_issued:
-            leaf = generation.leaf
-            # istio-agent: re-issue when half the lifetime is left (SECRET_GRACE_PERIOD_RATIO).
-            self._reissue_at = rotation_due(leaf).timestamp()
+            # istio-agent: re-issue when half the lifetime is left (SECRET_GRACE_PERIOD_RATIO),
+            # the lifetime counted from issue, as its ``rotateTime`` does (``ExpireTime -
+            # ratio * (ExpireTime - CreatedTime)``), not from notBefore: notBefore is back-dated
+            # by the 2-minute clock-skew grace, so counting from it would make a short-lived
+            # certificate (2m) due at once and re-issued at every poll.
+            expires = generation.leaf.not_after.timestamp()
+            issued = generation.loaded_at
+            self._reissue_at = expires - ROTATION_RATIO * max(0.0, expires - issued)
         if old is not None and self._on_rotate is not None:
             self._on_rotate()
 

@@ -33,6 +33,7 @@ from tests.pki import (
     Pki,
     peer_authentication,
     sidecar_bootstrap,
+    sidecar_entry,
     tls_block,
     workload_serial,
 )
@@ -78,6 +79,42 @@ async def server_sidecar(
     )
     async with proxy(text) as running:
         yield running
+
+
+# --------------------------------------------------------------------------------------------
+# istio_requests_total on the destination side
+
+
+async def test_inbound_request_metrics_carry_the_mtls_policy_and_source_principal(
+    pki: Pki,
+) -> None:
+    async with (
+        upstream() as app,
+        server_sidecar(pki, app.port, pki.issue("reviews"), "PERMISSIVE") as server,
+    ):
+        client_text = join(
+            sidecar_bootstrap("sleep", tls_block(pki.issue("sleep"))),
+            sidecar_entry("reviews", server.inbound_port, "reviews"),
+        )
+        async with proxy(client_text) as client:
+            # app -> sleep's sidecar -> mTLS -> reviews' sidecar -> app
+            assert (await get(client.port, "/mtls", "reviews:9080"))[0] == 200
+        # And one plaintext request on the same PERMISSIVE port, from no sidecar at all.
+        assert (await get(server.inbound_port, "/plain", "reviews:9080"))[0] == 200
+        assert [r.target for r in app.requests] == ["/mtls", "/plain"]
+        samples = await exposition(server)
+    inbound = requests_total(samples, reporter="destination")
+    assert inbound, "no inbound istio_requests_total series"
+    by_policy = {s.labels["connection_security_policy"]: s for s in inbound}
+    assert set(by_policy) == {"mutual_tls", "none"}, [s.labels for s in inbound]
+    mtls = by_policy["mutual_tls"]
+    assert mtls.value == 1
+    assert mtls.labels["source_principal"] == pki.uri("sleep")
+    assert mtls.labels["destination_principal"] == pki.uri("reviews")
+    assert mtls.labels["response_code"] == "200"
+    plain = by_policy["none"]
+    assert plain.value == 1
+    assert plain.labels["source_principal"] == "unknown"
 
 
 # --------------------------------------------------------------------------------------------

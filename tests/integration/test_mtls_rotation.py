@@ -97,17 +97,18 @@ class TLSKeepAlive(RawClient):
 
 @contextlib.asynccontextmanager
 async def mesh(
-    pki: Pki, app_port: int, server_files: IssuedFiles
+    pki: Pki, app_port: int, server_files: IssuedFiles, client_files: IssuedFiles | None = None
 ) -> AsyncIterator[tuple[RunningProxy, RunningProxy]]:
     """The ``reviews`` sidecar (inbound STRICT, its certificate in ``server_files``) and a
-    ``sleep`` sidecar that calls it with auto mTLS."""
+    ``sleep`` sidecar (``client_files``, else a fresh certificate) that calls it with auto
+    mTLS."""
     server_text = join(
         sidecar_bootstrap("reviews", tls_block(server_files), inbound_app=app_port),
         peer_authentication("STRICT"),
     )
     async with proxy(server_text) as server:
         client_text = join(
-            sidecar_bootstrap("sleep", tls_block(pki.issue("sleep"))),
+            sidecar_bootstrap("sleep", tls_block(client_files or pki.issue("sleep"))),
             sidecar_entry("reviews", server.inbound_port, "reviews"),
             # No tls setting: auto mTLS still applies (Istio keeps enableAutoMtls for a rule
             # without `tls`). Short-lived connections: handshakes all through the load.
@@ -123,10 +124,18 @@ async def mesh(
             yield server, client
 
 
-async def test_rotation_under_load_fails_no_request(pki: Pki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rotated", ["server", "both"])
+async def test_rotation_under_load_fails_no_request(pki: Pki, tmp_path: Path, rotated: str) -> None:
+    """``server``: the server sidecar's certificate is rewritten; ``both``: the client
+    sidecar's too, at the same moment (its new connections must present the new one)."""
     live = tmp_path / "reviews-live"  # the directory cert-manager would keep rewriting
     first = pki.issue("reviews", out=live)
-    async with upstream() as app, mesh(pki, app.port, first) as (server, client):
+    client_live = tmp_path / "sleep-live"
+    client_first = pki.issue("sleep", out=client_live)
+    async with (
+        upstream() as app,
+        mesh(pki, app.port, first, client_first) as (server, client),
+    ):
         assert await workload_serial(server.admin_port) == first.info.serial
         peer = pki.client_context(pki.issue("probe"))
         # A keep-alive mTLS connection straight to the server sidecar, made before rotating.
@@ -140,6 +149,7 @@ async def test_rotation_under_load_fails_no_request(pki: Pki, tmp_path: Path) ->
             errors: list[BaseException] = []
             started = asyncio.Event()  # enough requests before the rotation
             rotated_at: list[int] = []  # how many requests had been answered when /certs changed
+            client_second: list[IssuedFiles] = []  # the client's new certificate ("both")
             deadline = time.monotonic() + LOAD_SECONDS
 
             def more() -> bool:
@@ -166,11 +176,19 @@ async def test_rotation_under_load_fails_no_request(pki: Pki, tmp_path: Path) ->
                 await started.wait()
                 # io/ca.issue: key, bundle, then certificate, each through os.replace.
                 second = await asyncio.to_thread(pki.issue, "reviews", out=live)
+                if rotated == "both":
+                    client_second.append(
+                        await asyncio.to_thread(pki.issue, "sleep", out=client_live)
+                    )
 
-                async def rotated() -> bool:
-                    return await workload_serial(server.admin_port) == second.info.serial
+                async def done() -> bool:
+                    if await workload_serial(server.admin_port) != second.info.serial:
+                        return False
+                    return not client_second or (
+                        await workload_serial(client.admin_port) == client_second[0].info.serial
+                    )
 
-                await eventually(rotated, "the server's /certs shows the new serial")
+                await eventually(done, "/certs shows the new serials")
                 rotated_at.append(len(statuses))
                 return second
 
@@ -197,6 +215,17 @@ async def test_rotation_under_load_fails_no_request(pki: Pki, tmp_path: Path) ->
             opened = sum(p.total_connections for _, p in pools.all_pools())
             assert opened >= len(statuses) // PER_CONNECTION
             assert server.app.listeners["inbound"].tls_failures == {}
+            # The app saw the client sidecar's identity throughout: its old certificate, and
+            # once rotated, its new one on the connections opened since (XFCC Hash).
+            hashes = {
+                (r.header("x-forwarded-client-cert") or "").split(";")[1]
+                for r in app.requests
+                if r.target == "/load"
+            }
+            expected = {f"Hash={client_first.info.sha256}"}
+            if client_second:
+                expected.add(f"Hash={client_second[0].info.sha256}")
+            assert hashes == expected
             # A new handshake presents the new certificate...
             assert await presented_serial(server.inbound_port, peer) == second.info.serial
             # ...while the connection made before the rotation still works, on the old one.
@@ -411,3 +440,51 @@ async def test_self_issue_failure_keeps_the_certificate_and_retries(
         assert creds.rotations == 1
     finally:
         await creds.close()
+
+
+async def test_trust_bundle_rotation_admits_a_new_root(pki: Pki, tmp_path: Path) -> None:
+    """A bundle rewrite (a second root added, as during a CA migration) is taken like a
+    certificate rewrite: a client whose certificate comes from the new root is refused before
+    and accepted after, without a restart."""
+    live = tmp_path / "reviews-live"
+    first = pki.issue("reviews", out=live)
+    new_root = Pki(tmp_path / "new-root")
+    migrated = new_root.client_context(new_root.issue("sleep"))
+    migrated.load_verify_locations(cafile=str(pki.bundle))  # it trusts the server's old root
+    async with upstream() as app:
+        text = join(
+            sidecar_bootstrap("reviews", tls_block(first), inbound_app=app.port),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(text) as server:
+            listener = server.app.listeners["inbound"]
+            try:
+                refused = await tls_get(server.inbound_port, migrated)
+            except (ssl.SSLError, ConnectionError):
+                refused = b""
+            assert not refused.startswith(b"HTTP/")
+            write_file_atomic(
+                first.ca, pki.bundle.read_bytes() + new_root.bundle.read_bytes(), 0o644
+            )
+
+            async def two_roots() -> bool:
+                certs = (await admin_json(server.admin_port, "/certs"))["certificates"]
+                return [c["kind"] for c in certs] == ["workload", "root", "root"]
+
+            await eventually(two_roots, "/certs lists both roots")
+            answer = await tls_get(server.inbound_port, migrated)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+            assert sum(listener.tls_failures.values()) == 1  # the one before the rotation
+            assert await workload_serial(server.admin_port) == first.info.serial
+    xfcc = app.requests[-1].header("x-forwarded-client-cert")
+    assert xfcc is not None and xfcc.endswith(f"URI={new_root.uri('sleep')}")
+
+
+async def tls_get(port: int, ctx: ssl.SSLContext) -> bytes:
+    """One ``GET /`` over a new TLS connection; everything the server sent until it closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()

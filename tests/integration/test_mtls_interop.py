@@ -164,8 +164,10 @@ def curl_args(port: int, server_cert: Path, pki: Pki, *extra: str) -> list[str]:
     switch that turns off the host-name check alone (``-k`` turns off chain and host checks
     together; libcurl's separate ``CURLOPT_SSL_VERIFYHOST`` is not exposed). So the server is
     authenticated by pinning its public key instead, which curl enforces even under ``-k``: a
-    stricter check than the chain, since only the holder of that one key passes. ``--cacert``
-    stays for the record of what the mesh trusts; ``--resolve`` gives the mesh name an address.
+    stricter check than the chain, since only the holder of that one key passes. (``--cacert``
+    names the mesh bundle, but under ``-k`` curl does not use it; the chain check against the
+    bundle is what the ``openssl s_client -verify_return_error`` test below does.)
+    ``--resolve`` gives the mesh name an address.
     """
     assert CURL is not None
     host = "reviews.default.svc.cluster.local"

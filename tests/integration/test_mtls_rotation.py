@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -488,3 +489,71 @@ async def tls_get(port: int, ctx: ssl.SSLContext) -> bytes:
         return await asyncio.wait_for(reader.read(), 5)
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "check"),
+    [
+        ("missing_key", "pem: cannot read "),
+        ("key_mismatch", "key mismatch: "),
+        ("truncated_cert", "pem: "),
+        ("garbage_bundle", "pem: "),
+        ("expired", "expired: "),
+        ("another_ca", "chain: "),
+        ("no_spiffe_id", "no spiffe id: "),
+    ],
+)
+async def test_each_bad_rewrite_is_refused_once_and_a_good_one_is_taken(
+    pki: Pki, tmp_path: Path, case: str, check: str
+) -> None:
+    """Each check a rewritten set must pass, on the watcher's own ``check()``: refused with the
+    failed check named, the old certificate kept, the same files not tried again; a good set
+    written afterwards is taken."""
+    live = tmp_path / "live"
+    first = pki.issue("reviews", out=live)
+    creds = WorkloadCredentials(
+        WorkloadTLS(
+            cert_chain="live/cert.pem", private_key="live/key.pem", root_cert="live/ca.pem"
+        ),
+        base=tmp_path,  # relative paths resolve against the base
+        namespace="default",
+        service_account="reviews",
+    )
+    try:
+        generation = creds.load()
+        assert generation.leaf.serial == first.info.serial
+        assert creds.check() is False  # nothing changed
+        if case == "missing_key":
+            first.key.unlink()
+        elif case == "key_mismatch":
+            write_file_atomic(first.key, pki.issue("reviews").key.read_bytes(), 0o600)
+        elif case == "truncated_cert":
+            pem = first.cert.read_bytes()
+            write_file_atomic(first.cert, pem[: len(pem) // 2], 0o644)
+        elif case == "garbage_bundle":
+            write_file_atomic(first.ca, b"not a certificate\n", 0o644)
+        else:
+            if case == "expired":
+                past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+                bad = pki.issue("reviews", ttl=60, now=past)
+                cert, key = bad.cert, bad.key
+            elif case == "another_ca":
+                bad = Pki(tmp_path / "other").issue("reviews")
+                cert, key = bad.cert, bad.key
+            else:
+                cert, key = pki.without_spiffe()
+            write_file_atomic(first.key, key.read_bytes(), 0o600)
+            write_file_atomic(first.cert, cert.read_bytes(), 0o644)
+        assert creds.check() is False
+        assert creds.current is generation
+        assert creds.rejected == 1
+        assert creds.last_error.startswith(check), creds.last_error
+        assert creds.check() is False  # the same files are not tried again
+        assert creds.rejected == 1
+        good = pki.issue("reviews", out=live)
+        assert creds.check() is True
+        assert creds.current is not generation
+        assert creds.current.leaf.serial == good.info.serial
+        assert creds.rotations == 1
+    finally:
+        await creds.close()

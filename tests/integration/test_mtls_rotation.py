@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import shutil
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -557,3 +558,106 @@ async def test_each_bad_rewrite_is_refused_once_and_a_good_one_is_taken(
         assert creds.rotations == 1
     finally:
         await creds.close()
+
+
+async def test_rotation_survives_its_private_directory_being_removed(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The validated copies live in a private directory under the system's temporary directory,
+    which a long-running host cleans (systemd-tmpfiles removes entries under /tmp unused for
+    10 days). A rotation after that must still be taken, and the watcher must keep running."""
+    live = tmp_path / "reviews-live"
+    first = pki.issue("reviews", out=live)
+    probe = pki.client_context(pki.issue("probe"))
+    async with upstream() as app:
+        text = join(
+            sidecar_bootstrap("reviews", tls_block(first), inbound_app=app.port),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(text) as server:
+            creds = server.app.credentials
+            assert creds is not None
+            shutil.rmtree(creds._private)  # what the cleaner does
+            second = await asyncio.to_thread(pki.issue, "reviews", out=live)
+
+            async def rotated() -> bool:
+                return await workload_serial(server.admin_port) == second.info.serial
+
+            await eventually(rotated, "the rotation is taken")
+            assert await presented_serial(server.inbound_port, probe) == second.info.serial
+            third = await asyncio.to_thread(pki.issue, "reviews", out=live)
+
+            async def again() -> bool:
+                return await workload_serial(server.admin_port) == third.info.serial
+
+            await eventually(again, "the watcher still runs")
+
+
+async def test_a_private_copy_that_cannot_be_written_is_a_refused_rotation(
+    pki: Pki, tmp_path: Path
+) -> None:
+    live = tmp_path / "live"
+    first = pki.issue("reviews", out=live)
+    creds = WorkloadCredentials(
+        WorkloadTLS(
+            cert_chain=str(first.cert), private_key=str(first.key), root_cert=str(first.ca)
+        ),
+        base=tmp_path,
+        namespace="default",
+        service_account="reviews",
+    )
+    try:
+        generation = creds.load()
+        private = creds._private
+        shutil.rmtree(private)
+        private.write_bytes(b"")  # a file where the directory was: it cannot be made again
+        pki.issue("reviews", out=live)
+        assert creds.check() is False
+        assert creds.current is generation
+        assert creds.rejected == 1
+        assert creds.last_error.startswith(f"pem: cannot keep a private copy in {private}: ")
+        private.unlink()
+        good = pki.issue("reviews", out=live)
+        assert creds.check() is True
+        assert creds.current.leaf.serial == good.info.serial
+    finally:
+        await creds.close()
+
+
+async def test_the_watcher_outlives_an_unexpected_error(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One poll raising something no check anticipated (injected here: a real one has no
+    known trigger left) is logged and counted; the next poll still rotates."""
+    live = tmp_path / "reviews-live"
+    first = pki.issue("reviews", out=live)
+    async with upstream() as app:
+        text = join(
+            sidecar_bootstrap("reviews", tls_block(first), inbound_app=app.port),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(text) as server:
+            creds = server.app.credentials
+            assert creds is not None
+            real_check = creds.check
+            failed = asyncio.Event()
+
+            def check_once_failing() -> bool:
+                if not failed.is_set():
+                    failed.set()
+                    raise RuntimeError("injected")
+                return real_check()
+
+            monkeypatch.setattr(creds, "check", check_once_failing)
+            async with asyncio.timeout(ROTATION_DEADLINE):
+                await failed.wait()
+            second = await asyncio.to_thread(pki.issue, "reviews", out=live)
+
+            async def rotated() -> bool:
+                return await workload_serial(server.admin_port) == second.info.serial
+
+            await eventually(rotated, "the watcher still rotates")
+            certs = await admin_json(server.admin_port, "/certs")
+            assert certs["rejected"] == 1
+            assert certs["last_error"] == "unexpected error: RuntimeError('injected')"
+    assert "certificate check failed" in caplog.text

@@ -4,8 +4,10 @@ that mTLS tests share (bootstrap ``tls`` block, PeerAuthentication, Authorizatio
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
 import textwrap
+import typing
 from pathlib import Path
 
 import trustme
@@ -14,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshproxy.io.ca import CA_CERT, CA_KEY, IssuedFiles, init_ca, issue
+from tests.helpers import RawClient, bootstrap
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -126,3 +129,66 @@ def authorization_policy(name: str, action: str, rules: str, namespace: str = "d
         f"  action: {action}\n"
         f"{textwrap.indent(rules, '  ')}"
     )
+
+
+class ExternalFiles:
+    """A trustme CA (the outside world's, not the mesh's) and a certificate it issued for
+    ``names``, written as PEM files for tools (openssl, curl) and DestinationRule fields."""
+
+    def __init__(self, out: Path, *names: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.authority = trustme.CA()
+        leaf = self.authority.issue_cert(*names)
+        self.ca = out / "ca.pem"
+        self.cert = out / "cert.pem"  # the leaf only (trustme's CA signs leaves directly)
+        self.key = out / "key.pem"
+        self.authority.cert_pem.write_to_path(str(self.ca))
+        leaf.cert_chain_pems[0].write_to_path(str(self.cert))
+        leaf.private_key_pem.write_to_path(str(self.key))
+
+
+def sidecar_bootstrap(
+    service_account: str, tls: str, *, inbound_app: int | None = None, extra: str = ""
+) -> str:
+    """A bootstrap for workload ``service_account`` with the ``tls:`` block ``tls``."""
+    return bootstrap(inbound_app=inbound_app, extra=tls + extra).replace(
+        "serviceAccount: app", f"serviceAccount: {service_account}"
+    )
+
+
+def sidecar_entry(host: str, port: int, service_account: str) -> str:
+    """A ServiceEntry for ``host``:9080 whose one endpoint (127.0.0.1:``port``) is a sidecar
+    (``security.istio.io/tlsMode: istio``: auto mTLS) running as ``service_account``."""
+    return (
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: ServiceEntry\n"
+        f"metadata: {{name: {host}, namespace: default}}\n"
+        "spec:\n"
+        f"  hosts: [{host}]\n"
+        "  location: MESH_INTERNAL\n"
+        "  resolution: STATIC\n"
+        "  ports: [{number: 9080, name: http, protocol: HTTP}]\n"
+        "  endpoints:\n"
+        f"  - address: 127.0.0.1\n    ports: {{http: {port}}}\n"
+        "    labels: {security.istio.io/tlsMode: istio}\n"
+        f"    serviceAccount: {service_account}\n"
+    )
+
+
+async def admin_json(admin_port: int, path: str) -> dict[str, typing.Any]:
+    """GET an admin endpoint (``/certs``, ``/listeners``) over a real socket; its JSON."""
+    client = await RawClient.connect(admin_port)
+    try:
+        resp = await client.request("GET", path, [("host", "admin")])
+    finally:
+        await client.close()
+    assert resp.status == 200, resp.body[:200]
+    data: dict[str, typing.Any] = json.loads(resp.body)
+    return data
+
+
+async def workload_serial(admin_port: int) -> str:
+    """The serial of the workload certificate ``/certs`` reports."""
+    certs = (await admin_json(admin_port, "/certs"))["certificates"]
+    serial: str = next(c["serial"] for c in certs if c["kind"] == "workload")
+    return serial

@@ -37,7 +37,7 @@ from pathlib import Path
 from meshproxy.config.model import TLSMode, WorkloadTLS
 from meshproxy.core.origination import Origination, Verify
 from meshproxy.errors import CertCheck, CertificateError
-from meshproxy.io.ca import CertInfo, cert_info, issue_in_memory, load_pair, rotation_due
+from meshproxy.io.ca import ROTATION_RATIO, CertInfo, cert_info, issue_in_memory, load_pair
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,18 @@ class WorkloadCredentials:
         number = self.current.number + 1 if self.current is not None else 1
         cert_file = self._private / f"cert-{number}.pem"
         key_file = self._private / f"key-{number}.pem"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key_pem)
-        cert_file.write_bytes(cert_pem)
+        try:
+            # Made again if it went: a host's temporary-file cleaner (systemd-tmpfiles, 10 days
+            # unused under /tmp) may remove it under a long-running proxy.
+            self._private.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key_pem)
+            cert_file.write_bytes(cert_pem)
+        except OSError as exc:
+            raise CertificateError(
+                CertCheck.PEM, f"cannot keep a private copy in {self._private}: {exc.strerror}"
+            ) from exc
         roots = tuple(cert_info(p) for p in _split_pem(root_pem))
         try:
             server = _base_context(ssl.Purpose.CLIENT_AUTH)
@@ -235,9 +243,14 @@ class WorkloadCredentials:
             for name in (old.cert_file, old.key_file):
                 Path(name).unlink(missing_ok=True)
         if self.self_issued:
-            leaf = generation.leaf
-            # istio-agent: re-issue when half the lifetime is left (SECRET_GRACE_PERIOD_RATIO).
-            self._reissue_at = rotation_due(leaf).timestamp()
+            # istio-agent: re-issue when half the lifetime is left (SECRET_GRACE_PERIOD_RATIO),
+            # the lifetime counted from issue, as its ``rotateTime`` does (``ExpireTime -
+            # ratio * (ExpireTime - CreatedTime)``), not from notBefore: notBefore is back-dated
+            # by the 2-minute clock-skew grace, so counting from it would make a short-lived
+            # certificate (2m) due at once and re-issued at every poll.
+            expires = generation.leaf.not_after.timestamp()
+            issued = generation.loaded_at
+            self._reissue_at = expires - ROTATION_RATIO * max(0.0, expires - issued)
         if old is not None and self._on_rotate is not None:
             self._on_rotate()
 
@@ -285,7 +298,12 @@ class WorkloadCredentials:
         while True:
             await asyncio.sleep(POLL_SECONDS)
             # Reading and checking a few KiB of PEM is quick; do it on the loop.
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # the watcher must outlive a failed try, or rotation stops
+                self.rejected += 1
+                self.last_error = f"unexpected error: {exc!r}"
+                log.exception("certificate check failed; keeping the current certificate")
 
     async def close(self) -> None:
         task = self._task

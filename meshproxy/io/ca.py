@@ -175,13 +175,6 @@ def cert_info(data: bytes) -> CertInfo:
     return _info(cert)
 
 
-def rotation_due(info: CertInfo, ratio: float = ROTATION_RATIO) -> dt.datetime:
-    """When to re-issue: once ``ratio`` of the lifetime is left (Istio's grace period ratio 0.5:
-    istio-agent ``secretcache.go rotateTime``, without its ±1% jitter, which a caller may add)."""
-    lifetime = info.not_after - info.not_before
-    return info.not_after - lifetime * ratio
-
-
 def _info(cert: x509.Certificate) -> CertInfo:
     return CertInfo(
         spiffe_id=_spiffe_uri(cert),
@@ -575,7 +568,7 @@ def issue_in_memory(
     """Issue a workload certificate from the CA in ``ca_dir`` without writing a file.
 
     ``identity`` is a SPIFFE ID in the CA's trust domain or a ``(namespace, service account)``
-    pair. What a proxy calls at start for ``spec.tls.ca`` and again when ``rotation_due`` passes.
+    pair. What a proxy calls at start for ``spec.tls.ca`` and again at half the lifetime (io/tls.py).
     CertificateError for a missing, expired or broken CA; ValueError for a bad identity or TTL.
     """
     check_ttl(ttl)

@@ -121,7 +121,7 @@ class WorkloadCredentials:
         on_rotate: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
-        self._base = base  # relative paths in spec.tls are relative to the config's directory
+        self._base = base  # relative paths in spec.tls resolve against this (the working directory)
         self._namespace = namespace
         self._service_account = service_account
         self._on_rotate = on_rotate

@@ -331,17 +331,6 @@ def test_cert_info_rejects_what_is_not_a_certificate(data: bytes) -> None:
     assert info.value.check is CertCheck.PEM
 
 
-def test_rotation_is_due_at_half_the_lifetime(ca_dir: Path) -> None:
-    info = ca.cert_info(ca.issue_in_memory(ca_dir, ("default", "web"), 86400, now=NOW).cert)
-    lifetime = dt.timedelta(days=1, minutes=2)  # notBefore is back-dated 2 minutes
-    assert ca.rotation_due(info) == info.not_after - lifetime / 2
-    assert ca.rotation_due(info, 0.25) == info.not_after - lifetime / 4
-
-
-# -- load_pair: what a rotation refuses ----------------------------------------------------------
-
-
-@pytest.fixture
 def pair(ca_dir: Path) -> ca.IssuedPEM:
     return ca.issue_in_memory(ca_dir, ("default", "web"), 3600, now=NOW)
 

@@ -249,6 +249,8 @@ async def _serve(
     parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
     if app.admin is not None:
         parts.append(f"admin={app.admin.address.host}:{app.admin.port}")
+    if app.health is not None:
+        parts.append(f"health={app.health.address.host}:{app.health.port}")
     print("meshproxy ready: " + " ".join(parts), flush=True)
     try:
         await app.wait_stopped()

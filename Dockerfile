@@ -43,6 +43,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TMPDIR=/tmp
 
+# iptables for the capture init container (`meshproxy iptables --apply`, same image, as Istio's
+# proxyv2 image carries it for istio-init); Debian bookworm's default is the nft backend.
+# Runtime tools only: no compiler, no -dev package, and the apt lists are not kept.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+
 # Istio's proxy user is uid 1337 (istio/istio pilot/docker/Dockerfile.proxyv2: `useradd --uid 1337
 # istio-proxy`); the gid matches so the cert volume's fs-group can be 1337 too.
 RUN groupadd --system --gid 1337 meshproxy \

@@ -74,7 +74,8 @@ USER 1337:1337
 WORKDIR /tmp
 
 # Docker's own check (Kubernetes ignores it and uses the probes on 15021): the admin /ready,
-# 200 only once config is loaded and every listener is bound, 503 while draining.
+# 200 only once config is loaded and every listener is bound, 503 while draining. A bootstrap that
+# moves the admin off 127.0.0.1:15000 needs `docker run --health-cmd` to match.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:15000/ready', timeout=2).status == 200 else 1)"]
 

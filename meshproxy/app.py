@@ -21,18 +21,24 @@ import random
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from meshproxy import __version__
 from meshproxy.config.istio import metrics_enabled
-from meshproxy.config.model import AccessLogFormat, MeshConfig, yaml_key
+from meshproxy.config.model import AccessLogFormat, MeshConfig, MtlsMode, yaml_key
+from meshproxy.core.authz import Authorizer
 from meshproxy.core.explain import explain_request, to_json
+from meshproxy.core.identity import spiffe_uri
+from meshproxy.core.peerauth import effective_mtls
 from meshproxy.core.record import Direction
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable, inbound_cluster
+from meshproxy.errors import CertificateError
 from meshproxy.io.admin import AdminRequest, AdminResponse, AdminRoute, AdminServer, WithRequest
-from meshproxy.io.listener import Listener, Sweeper
+from meshproxy.io.listener import InboundTLS, Listener, Sweeper
 from meshproxy.io.pool import PoolManager
+from meshproxy.io.tls import ClientContexts, WorkloadCredentials
 from meshproxy.layers.tracing import TracingStep, tracing_policy
 from meshproxy.stacks.inbound import InboundStack
 from meshproxy.stacks.outbound import OutboundStack
@@ -114,6 +120,8 @@ class App:
         self._sweeper: Sweeper | None = None
         self._started_at = time.time()
         self._health_failed = False
+        # This workload's certificate (spec.tls), loaded before any listener binds.
+        self.credentials: WorkloadCredentials | None = None
 
     # -- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,6 +133,24 @@ class App:
         )
         if self.access_log is not None:
             sinks.insert(0, self.access_log.write)
+        # Certificates first: ready means they are loaded, and a proxy whose certificate cannot
+        # be loaded does not start (CertificateError names the failed check).
+        meta = self.config.bootstrap.metadata
+        own_uri = spiffe_uri(spec.trust_domain, meta.namespace, spec.service_account)
+        if spec.tls is not None:
+            self.credentials = WorkloadCredentials(
+                spec.tls,
+                base=Path.cwd(),
+                namespace=meta.namespace,
+                service_account=spec.service_account,
+            )
+            try:
+                self.credentials.load()
+            except CertificateError:
+                await self.credentials.close()
+                raise
+            self.credentials.start_watching()
+        contexts = ClientContexts(self.credentials)
         self.hosts = table = HostTable(self.config)
         self.routes = routes = RouteTable(self.config, table)
         app_cluster = (
@@ -135,12 +161,18 @@ class App:
         clusters = list(table.clusters.values())
         if app_cluster is not None:
             clusters.append(app_cluster)
-        self.pools = pools = PoolManager(clusters)
+        self.pools = pools = PoolManager(clusters, contexts)
         self.metrics = MeshMetrics(
             self.config,
             clusters,
             cluster_snapshots=lambda: [s.snapshot(loop.time()) for s in pools.states()],
             listener_snapshots=lambda: [(n, lst.active) for n, lst in self.listeners.items()],
+            certificates=self._certificate_expiries,
+            tls_refusals=lambda: [
+                (name, reason, count)
+                for name, lst in self.listeners.items()
+                for reason, count in lst.tls_failures.items()
+            ],
         )
         if metrics_enabled(self.config):  # a Telemetry resource may turn Istio's metrics off
             sinks.append(self.metrics.sink)
@@ -172,8 +204,11 @@ class App:
                     self._rng,
                     sinks,
                     tracing=self._trace_step(Direction.INBOUND, spec.inbound.app.port),
+                    authorizer=Authorizer.from_config(self.config),
+                    own_uri=own_uri,
+                    app_port=spec.inbound.app.port,
                 )
-                await self._listen("inbound", spec.inbound.address, inbound)
+                await self._listen("inbound", spec.inbound.address, inbound, self._inbound_tls())
             self.admin = AdminServer(spec.admin, self._admin_routes())
             await self.admin.start()
             if spec.telemetry.prometheus is not None:
@@ -211,8 +246,30 @@ class App:
         # Ids and draws from the system's entropy: unique even when a test fixes the seed.
         return TracingStep(policy, direction, random.Random(), default_port)
 
+    def _inbound_tls(self) -> InboundTLS | None:
+        """mTLS on the inbound listener: the PeerAuthentication mode for the app's port (Istio
+        keys portLevelMtls by the workload port). Without a certificate there is nothing to
+        terminate with: plaintext (validation refuses STRICT without spec.tls)."""
+        spec = self.config.bootstrap.spec
+        assert spec.inbound is not None
+        mode = effective_mtls(self.config, spec.inbound.app.port)
+        if mode is MtlsMode.DISABLE or self.credentials is None or spec.tls is None:
+            return None
+        return InboundTLS(
+            mode=mode,
+            credentials=self.credentials,
+            handshake_timeout=spec.tls.handshake_timeout,
+        )
+
+    def _certificate_expiries(self) -> list[tuple[str, float]]:
+        return self.credentials.expiries() if self.credentials is not None else []
+
     async def _listen(
-        self, name: str, address: object, stack: OutboundStack | InboundStack
+        self,
+        name: str,
+        address: object,
+        stack: OutboundStack | InboundStack,
+        tls: InboundTLS | None = None,
     ) -> None:
         timeouts = self.config.bootstrap.spec.timeouts
         listener = Listener(
@@ -222,6 +279,7 @@ class App:
             idle_timeout=timeouts.idle,
             request_headers_timeout=timeouts.request_headers,
             retry_buffer=self.config.bootstrap.spec.retry_buffer_bytes,
+            tls=tls,
         )
         await listener.start()
         self.listeners[name] = listener
@@ -283,6 +341,8 @@ class App:
             await asyncio.to_thread(self.access_log.close)
         if self.tracer is not None:
             await self.tracer.aclose()  # the last spans, flushed off the loop (bounded)
+        if self.credentials is not None:
+            await self.credentials.close()
         task = self._drain_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -304,6 +364,7 @@ class App:
             ("GET", "/ready"): self._ready,
             ("GET", "/config_dump"): self._config_dump,
             ("GET", "/clusters"): self._clusters,
+            ("GET", "/certs"): self._certs,
             ("GET", "/listeners"): self._listeners,
             ("GET", "/server_info"): self._server_info,
             ("GET", "/stats/prometheus"): self._stats_prometheus,
@@ -355,8 +416,25 @@ class App:
                 name: {
                     "address": f"{lst.address.host}:{lst.port}",
                     "active_connections": lst.active,
+                    "mtls": lst.tls.mode.value if lst.tls is not None else "DISABLE",
+                    "tls_refused": dict(lst.tls_failures),
                 }
                 for name, lst in self.listeners.items()
+            }
+        )
+
+    def _certs(self) -> AdminResponse:
+        """Envoy's ``/certs``: the certificates this proxy holds (SPIFFE ID, serial, validity),
+        how many rotations were applied or refused; never a key."""
+        creds = self.credentials
+        if creds is None:
+            return _json({"certificates": []})
+        return _json(
+            {
+                "certificates": creds.describe(),
+                "rotations": creds.rotations,
+                "rejected": creds.rejected,
+                "last_error": creds.last_error,
             }
         )
 

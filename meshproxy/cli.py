@@ -1,12 +1,12 @@
-"""The command line: ``meshproxy run``, ``validate``, ``route`` and ``demo``.
+"""The command line: ``meshproxy run``, ``validate``, ``route``, ``demo`` and ``ca``.
 
 Owns argument parsing, logging set-up (the only place handlers are configured) and the process
 exit codes: 0 on a clean exit or drain, 1 on invalid configuration, 2 on usage errors, 3 when a
 listener cannot bind. ``validate`` prints the configuration's warnings (``core/explain.py``
 ``lint``) on stderr after its summary and still exits 0; ``route`` explains where a request would
-go without sending it.
+go without sending it; ``ca init`` and ``ca issue`` run the development CA (``io/ca.py``).
 
-Rules: thin; everything it does is a call into ``app`` or ``config``.
+Rules: thin; everything it does is a call into ``app``, ``config`` or ``io.ca``.
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from meshproxy import __version__
 from meshproxy.app import App
-from meshproxy.config.load import load_paths
+from meshproxy.config.load import load_paths, parse_duration
 from meshproxy.config.model import AccessLogFormat, MeshConfig
 from meshproxy.core.explain import explain_request, lint, to_json, to_text
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable
-from meshproxy.errors import ConfigError
+from meshproxy.errors import CertificateError, ConfigError
+from meshproxy.io import ca
 from meshproxy.io.loop import loop_factory
 
 log = logging.getLogger("meshproxy")
@@ -111,7 +113,40 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the mesh running after the requests, with access logs (Ctrl-C stops)",
     )
+    _ca_parser(sub)
     return parser
+
+
+def _ca_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser(
+        "ca",
+        help="a development CA: create one, issue workload certificates from it",
+        description="A development certificate authority for mTLS between meshproxy sidecars "
+        "(Istio-style SPIFFE certificates). Not for production keys.",
+    )
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser("init", help="create a root CA (ca.pem, ca-key.pem) in a directory")
+    init.add_argument("--dir", required=True, type=Path, metavar="DIR")
+    init.add_argument(
+        "--trust-domain",
+        default="cluster.local",
+        help="the SPIFFE trust domain (default: %(default)s)",
+    )
+    init.add_argument("--force", action="store_true", help="replace a CA already in DIR")
+    issue = ca_sub.add_parser(
+        "issue",
+        help="issue a workload certificate spiffe://<trust domain>/ns/<NS>/sa/<SA>",
+    )
+    issue.add_argument("--dir", required=True, type=Path, metavar="DIR", help="the CA directory")
+    issue.add_argument("--namespace", required=True, metavar="NS")
+    issue.add_argument("--service-account", required=True, metavar="SA")
+    issue.add_argument(
+        "--ttl", default="24h", help="certificate lifetime, e.g. 24h, 90m, 3600s (default: 24h)"
+    )
+    issue.add_argument("--out", required=True, type=Path, metavar="OUTDIR")
+    issue.add_argument("--cert-name", default="cert.pem", metavar="NAME")
+    issue.add_argument("--key-name", default="key.pem", metavar="NAME")
+    issue.add_argument("--ca-name", default="ca.pem", metavar="NAME")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         fmt = AccessLogFormat(args.access_log_format) if args.access_log_format else None
         return _run(args.config, args.access_log, fmt)
+    if args.command == "ca":
+        return _ca(args)
     if args.command == "demo":
         from meshproxy.examples.demo import run_demo
 
@@ -245,6 +282,9 @@ async def _serve(
     except OSError as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         return 3
+    except CertificateError as exc:
+        print(f"cannot load this workload's certificate: {exc}", file=sys.stderr)
+        return 4
     app.install_signal_handlers()
     parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
     if app.admin is not None:
@@ -257,4 +297,35 @@ async def _serve(
     finally:
         await app.close()
     log.info("stopped")
+    return 0
+
+
+def _ca(args: argparse.Namespace) -> int:
+    """``meshproxy ca init|issue``: every problem (no CA, bad TTL or name, unwritable directory)
+    is a usage error, exit 2, one line on stderr."""
+    try:
+        if args.ca_command == "init":
+            path = ca.init_ca(args.dir, args.trust_domain, force=args.force)
+            print(
+                f"created CA {path} (key {args.dir / ca.CA_KEY}, trust domain {args.trust_domain})"
+            )
+            return 0
+        ttl = parse_duration(args.ttl)
+        files = ca.issue(
+            args.dir,
+            args.namespace,
+            args.service_account,
+            ttl=ttl,
+            out=args.out,
+            cert_name=args.cert_name,
+            key_name=args.key_name,
+            ca_name=args.ca_name,
+        )
+    except (CertificateError, ValueError, OSError) as exc:
+        print(f"meshproxy ca {args.ca_command}: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"issued {files.info.spiffe_id} valid until {files.info.not_after.isoformat()}: "
+        f"{files.cert} {files.key} {files.ca}"
+    )
     return 0

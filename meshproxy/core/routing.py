@@ -29,6 +29,7 @@ from meshproxy.config.model import (
     TrafficPolicy,
     TrafficPolicyMode,
 )
+from meshproxy.core.identity import spiffe_uri
 
 # Istio/Envoy defaults (reference §1.3 connectionPool table; §1.6).
 DEFAULT_CONNECT_TIMEOUT = 10.0  # mesh connectTimeout
@@ -91,6 +92,9 @@ class Cluster:
     max_requests_per_connection: int = 0  # 0 = unlimited
     lb: LbPolicy = DEFAULT_LB
     policy: TrafficPolicy | None = None  # the effective DestinationRule policy, for later layers
+    # Who the endpoints are expected to be over mTLS: the ServiceEntry's subjectAltNames, else
+    # the SPIFFE IDs of its endpoints' service accounts (core/origination.py).
+    identities: tuple[str, ...] = ()
 
 
 class Miss(enum.Enum):
@@ -258,10 +262,20 @@ class Service:
 class HostTable:
     """Maps a request's authority to a cluster, as a sidecar's outbound virtual hosts do."""
 
-    __slots__ = ("_cache", "_exact", "_mode", "_namespace", "_wildcards", "clusters", "services")
+    __slots__ = (
+        "_cache",
+        "_exact",
+        "_mode",
+        "_namespace",
+        "_trust_domain",
+        "_wildcards",
+        "clusters",
+        "services",
+    )
 
     def __init__(self, config: MeshConfig) -> None:
         self._namespace = config.bootstrap.metadata.namespace
+        self._trust_domain = config.bootstrap.spec.trust_domain
         self._mode = config.bootstrap.spec.outbound_traffic_policy
         rules = {fqdn(r.spec.host, r.metadata.namespace): r for r in config.destination_rules}
         self._exact: dict[str, Service] = {}
@@ -285,6 +299,13 @@ class HostTable:
     def _build_service(self, se: ServiceEntry, name: str, rule: DestinationRule | None) -> Service:
         clusters: dict[int, Cluster] = {}
         subsets: dict[tuple[int, str], Cluster] = {}
+        identities = se.spec.subject_alt_names or tuple(
+            dict.fromkeys(
+                spiffe_uri(self._trust_domain, se.metadata.namespace, ep.service_account)
+                for ep in se.spec.endpoints
+                if ep.service_account
+            )
+        )
         for port in se.spec.ports:
             endpoints: tuple[Endpoint, ...]
             if se.spec.resolution is Resolution.NONE or name.startswith("*"):
@@ -324,6 +345,7 @@ class HostTable:
                     max_requests_per_connection=per_conn,
                     lb=lb,
                     policy=policy,
+                    identities=identities,
                 )
                 if subset:
                     subsets[(port.number, subset)] = cluster

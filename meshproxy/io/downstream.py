@@ -41,6 +41,7 @@ from meshproxy.errors import (
 from meshproxy.io.handler import Forward, Handler
 from meshproxy.io.mirror import MIRROR_BODY_MAX, shadow
 from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
+from meshproxy.io.tls import PeerIdentity, peer_identity
 
 if TYPE_CHECKING:
     from meshproxy.io.listener import Listener
@@ -106,6 +107,7 @@ class DownstreamConnection(asyncio.Protocol):
         "codec",
         "forward",
         "handler",
+        "identity",
         "listener",
         "loop",
         "peer",
@@ -117,6 +119,7 @@ class DownstreamConnection(asyncio.Protocol):
         "request_done",
         "response_started",
         "since",
+        "tls",
         "transport",
         "up_out",
         "upstream",
@@ -130,6 +133,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.codec = H11ServerCodec()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
+        # The TLS peer's proof of identity (None: plaintext, or no certificate).
+        self.identity: PeerIdentity | None = None
+        self.tls = False
         self.phase = Phase.IDLE
         self.since = self.loop.time()
         self._pause = 0
@@ -176,6 +182,19 @@ class DownstreamConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = True
+            self.identity = identity = peer_identity(ssl_object)
+            # mTLS means a SPIFFE identity: a certificate that chains to the bundle but names
+            # no workload cannot be authorized or reported, so it is refused (issue #5 §4).
+            if identity is None or not identity.uri:
+                self.phase = Phase.CLOSED
+                self.listener.refuse(
+                    "no_spiffe_id", self.peer, "client certificate has no SPIFFE URI SAN"
+                )
+                transport.abort()
+                return
         self.listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -273,6 +292,12 @@ class DownstreamConnection(asyncio.Protocol):
         self.phase = Phase.ACTIVE
         now = self.loop.time()
         record = self.record = RequestRecord(self.handler.direction, now, self.peer)
+        if self.tls:
+            record.tls = True
+            identity = self.identity
+            if identity is not None:
+                record.source_principal = identity.uri
+                record.peer_cert_hash = identity.cert_hash
         try:
             forward = self.handler.on_request(head, record)
         except ProxyError as exc:

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import socket
+import ssl
 import typing
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -32,15 +33,19 @@ from meshproxy.core.http1 import (
     Signal,
 )
 from meshproxy.core.limits import ClusterLimits, LimitSettings
+from meshproxy.core.origination import Origination, origination
 from meshproxy.core.outlier import OutlierDetector, outlier_settings
 from meshproxy.core.routing import Cluster, Endpoint
 from meshproxy.errors import (
+    CertCheck,
+    CertificateError,
     ConnectFailure,
     ProxyError,
     UpstreamOverflow,
     UpstreamProtocolError,
     UpstreamReset,
 )
+from meshproxy.io.tls import ClientContexts, check_server_identity, verify_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +245,7 @@ class ClusterState:
     __slots__ = (
         "_next_tick",
         "cluster",
+        "contexts",
         "keepalive",
         "limits",
         "max_duration",
@@ -251,9 +257,14 @@ class ClusterState:
     )
 
     def __init__(
-        self, cluster: Cluster, endpoints: Sequence[Endpoint], tasks: set[asyncio.Task[None]]
+        self,
+        cluster: Cluster,
+        endpoints: Sequence[Endpoint],
+        tasks: set[asyncio.Task[None]],
+        contexts: ClientContexts | None = None,
     ) -> None:
         self.cluster = cluster
+        self.contexts = contexts  # outbound TLS contexts (None: this proxy originates no TLS)
         self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy))
         od = cluster.policy.outlier_detection if cluster.policy is not None else None
         # Istio configures outlier detection only when the DestinationRule has the block.
@@ -351,6 +362,7 @@ class EndpointPool:
         "host",
         "idle",
         "index",
+        "origination",
         "port",
         "state",
         "total_connections",
@@ -381,6 +393,7 @@ class EndpointPool:
         self.total_requests = 0
         self.total_connections = 0
         self.connect_failures = 0
+        self.origination = _origination_for(state, endpoint)
 
     # -- requests -------------------------------------------------------------------------------
     def begin_request(self) -> bool:
@@ -531,8 +544,12 @@ class EndpointPool:
             raise
 
     async def _open(self) -> UpstreamConnection:
-        """Open a connection (its slot already granted), bounded by the connect timeout."""
+        """Open a connection (its slot already granted), bounded by the connect timeout, which
+        covers the TLS handshake when the endpoint is reached over TLS."""
         loop = asyncio.get_running_loop()
+        tls = self.origination
+        if tls is not None:
+            return await self._open_tls(tls)
         try:
             async with asyncio.timeout(self.cluster.connect_timeout):
                 _, protocol = await loop.create_connection(
@@ -544,6 +561,51 @@ class EndpointPool:
         except OSError as exc:
             self.connect_failures += 1
             raise ConnectFailure(f"connect to {self.endpoint.key}: {exc}") from exc
+        self.connections.add(protocol)
+        self.total_connections += 1
+        return protocol
+
+    async def _open_tls(self, tls: Origination) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        key = self.endpoint.key
+        contexts = self.state.contexts
+        try:
+            if contexts is None:
+                raise CertificateError(CertCheck.PEM, "this proxy has no TLS contexts")
+            ctx = contexts.context(tls)
+        except CertificateError as exc:
+            self.connect_failures += 1
+            log.warning("TLS to %s (%s): %s", key, tls.mode.value, exc)
+            raise ConnectFailure(f"TLS to {key}: {exc}") from exc
+        timeout = self.cluster.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=ctx,
+                    server_hostname=tls.server_name or None,
+                    ssl_handshake_timeout=timeout,
+                )
+        except TimeoutError as exc:
+            self.connect_failures += 1
+            raise ConnectFailure(f"connect to {key} timed out") from exc
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.connect_failures += 1
+            reason = verify_failure_reason(exc)
+            log.warning("TLS handshake with %s failed: %s", key, reason)
+            raise ConnectFailure(f"TLS handshake with {key}: {reason}") from exc
+        except OSError as exc:
+            self.connect_failures += 1
+            raise ConnectFailure(f"connect to {key}: {exc}") from exc
+        ssl_object = transport.get_extra_info("ssl_object")
+        mismatch = check_server_identity(tls, ssl_object) if ssl_object is not None else ""
+        if mismatch:
+            transport.abort()
+            self.connect_failures += 1
+            log.warning("TLS to %s refused: %s", key, mismatch)
+            raise ConnectFailure(mismatch)
         self.connections.add(protocol)
         self.total_connections += 1
         return protocol
@@ -582,15 +644,36 @@ class EndpointPool:
         }
 
 
+def _origination_for(state: ClusterState, endpoint: Endpoint) -> Origination | None:
+    """The TLS (if any) to originate to an endpoint: the DestinationRule's, else auto mTLS for
+    a sidecar endpoint, which needs this workload's certificate (plaintext without one)."""
+    cluster = state.cluster
+    policy = cluster.policy
+    found = origination(
+        policy.tls if policy is not None else None,
+        host=cluster.service,
+        port=cluster.port,
+        subset=cluster.subset,
+        endpoint_labels=dict(endpoint.labels),
+        service_sans=cluster.identities,
+    )
+    if found is not None and found.auto:
+        contexts = state.contexts
+        if contexts is None or not contexts.has_workload_certificate:
+            return None
+    return found
+
+
 class PoolManager:
     """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough", "tasks")
+    __slots__ = ("_by_cluster", "_passthrough", "contexts", "tasks")
 
-    def __init__(self, clusters: Iterable[Cluster]) -> None:
+    def __init__(self, clusters: Iterable[Cluster], contexts: ClientContexts | None = None) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
+        self.contexts = contexts
         self._by_cluster: dict[str, ClusterState] = {
-            c.name: ClusterState(c, c.endpoints, self.tasks) for c in clusters
+            c.name: ClusterState(c, c.endpoints, self.tasks, contexts) for c in clusters
         }
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
@@ -599,7 +682,7 @@ class PoolManager:
     def state(self, cluster: Cluster) -> ClusterState:
         found = self._by_cluster.get(cluster.name)
         if found is None:
-            found = ClusterState(cluster, cluster.endpoints, self.tasks)
+            found = ClusterState(cluster, cluster.endpoints, self.tasks, self.contexts)
             self._by_cluster[cluster.name] = found
         return found
 

@@ -6,22 +6,26 @@
 2. Every meshproxy configuration embedded in a ConfigMap is written to a directory laid out as
    the kubelet mounts it and loaded by the real ``meshproxy validate`` CLI.
 3. The pieces agree with each other: probes and the bootstrap's health port, the iptables flags
-   and the ports and uid, the service account, the certificate paths and the CSI volume, the
-   drain and the grace period; and the sidecar's memory request covers the RSS of a proxy
-   running this very configuration (measured here, on loopback ports).
+   and the ports and uid, the service account, labels and policy selectors, the certificate
+   paths and the CSI volume, the drain and the grace period.
+4. The configuration runs: a real ``meshproxy run`` of it (listeners moved to loopback port 0,
+   the SPIFFE files replaced by a dev CA's) refuses plaintext, admits productpage's identity
+   only, and its peak RSS under mTLS requests stays below the sidecar's memory request.
 
-Today ``meshproxy validate`` does not open ``spec.tls`` files, so the certificate paths (which
-exist only inside a pod) are checked here against the volume mount, not read.
+``meshproxy validate`` does not open ``spec.tls`` files (true today), so the certificate paths,
+which exist only inside a pod, are checked against the volume mount and not read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +34,19 @@ import kubernetes_validate
 import pytest
 import yaml
 from helpers import upstream
+from pki import Pki
 
 from meshproxy.config.load import load_paths
 from meshproxy.config.model import MeshConfig, MtlsMode, TLSMode
+from meshproxy.core.authz import applies
+from meshproxy.core.peerauth import effective_mtls
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "examples" / "kubernetes"
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 LOOPBACK = re.compile(r"^(127\.|::1$)")
+NAMESPACE = "bookinfo"
+SPIFFE_MOUNT = "/var/run/secrets/spiffe.io"
 
 
 def _manifests() -> Iterator[tuple[str, int, dict[str, Any]]]:
@@ -249,6 +258,26 @@ def test_identity_and_certificates_come_from_the_csi_volume(config: MeshConfig) 
     assert volumes["meshproxy-config"]["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
 
 
+def test_policies_select_this_workload(config: MeshConfig) -> None:
+    """Selectors match the bootstrap's labels, which must be the pod's labels: otherwise the
+    STRICT PeerAuthentication and the AuthorizationPolicy would silently not apply."""
+    meta = config.bootstrap.metadata
+    assert dict(meta.labels) == _pod_labels()
+    assert effective_mtls(config, 9080) is MtlsMode.STRICT
+    (ap,) = config.authorization_policies
+    assert applies(ap, meta.namespace, meta.labels)
+    for tm in config.telemetries:
+        assert tm.spec.selector is not None
+        assert tm.spec.selector.match_labels.items() <= meta.labels.items()
+    # The Service selects the same pods.
+    assert _one("Service")["spec"]["selector"].items() <= meta.labels.items()
+
+
+def _pod_labels() -> dict[str, str]:
+    labels: dict[str, str] = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
 def test_grace_period_covers_the_drain(config: MeshConfig) -> None:
     grace = _pod()["terminationGracePeriodSeconds"]
     assert grace >= config.bootstrap.spec.drain_duration
@@ -270,45 +299,95 @@ def _vm(pid: int, field: str) -> float:
     raise KeyError(field)
 
 
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    ports: dict[str, str]
+    pki: Pki
+
+    def client(self, service_account: str) -> httpx.AsyncClient:
+        """An HTTPS client holding ``service_account``'s certificate (namespace bookinfo)."""
+        ctx = self.pki.client_context(self.pki.issue(service_account, NAMESPACE))
+        return httpx.AsyncClient(verify=ctx, timeout=10, limits=httpx.Limits(max_connections=16))
+
+    def url(self, path: str) -> str:
+        return f"https://{self.ports['inbound']}{path}"
+
+
+@contextlib.asynccontextmanager
+async def running_example(tmp_path: Path, app_port: int) -> AsyncIterator[Running]:
+    """This ConfigMap's configuration as a real process: listeners moved to loopback port 0,
+    the app to ``app_port``, and the csi-driver-spiffe files replaced by a dev CA's (the same
+    names and roles: chain, key, bundle) for bookinfo-reviews."""
+    pki = Pki(tmp_path / "pki")
+    svid = pki.issue(_pod()["serviceAccountName"], NAMESPACE)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    for key, text in _one("ConfigMap")["data"].items():
+        text = re.sub(r"(?:127\.0\.0\.1|0\.0\.0\.0):150\d\d", "127.0.0.1:0", text)
+        text = text.replace("app: 127.0.0.1:9080", f"app: 127.0.0.1:{app_port}")
+        text = text.replace(f"{SPIFFE_MOUNT}/tls.crt", str(svid.cert))
+        text = text.replace(f"{SPIFFE_MOUNT}/tls.key", str(svid.key))
+        text = text.replace(f"{SPIFFE_MOUNT}/ca.crt", str(svid.ca))
+        (conf / key).write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshproxy", "--log-level", "warning", "run", "-c", str(conf)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)).decode()
+        if not line.startswith("meshproxy ready:"):
+            proc.kill()
+            raise AssertionError(f"did not start: {line!r} {proc.stderr.read().decode()}")
+        ports = dict(p.split("=", 1) for p in line.split(":", 1)[1].split())
+        yield Running(proc, ports, pki)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+async def test_example_policy_holds_on_a_running_proxy(tmp_path: Path) -> None:
+    """STRICT: plaintext is refused; the AuthorizationPolicy admits productpage only."""
+    async with upstream() as app, running_example(tmp_path, app.port) as px:
+        async with px.client("bookinfo-productpage") as productpage:
+            ok = await productpage.get(px.url("/reviews/1"))
+            other_path = await productpage.get(px.url("/admin"))
+        async with px.client("bookinfo-ratings") as ratings:
+            other_peer = await ratings.get(px.url("/reviews/1"))
+        with contextlib.suppress(httpx.TransportError):
+            async with httpx.AsyncClient(timeout=5) as plain:
+                refused = await plain.get(f"http://{px.ports['inbound']}/reviews/1")
+                raise AssertionError(f"plaintext got an answer: {refused.status_code}")
+        async with httpx.AsyncClient() as probe:
+            ready = await probe.get(f"http://{px.ports['health']}/healthz/ready")
+    assert ok.status_code == 200
+    assert (other_path.status_code, other_path.text) == (403, "RBAC: access denied")
+    assert (other_peer.status_code, other_peer.text) == (403, "RBAC: access denied")
+    assert ready.status_code == 200
+    assert [r.target for r in app.requests] == ["/reviews/1"]
+
+
 async def test_memory_request_covers_the_measured_rss(tmp_path: Path) -> None:
-    """Run this ConfigMap's configuration (listeners moved to loopback port 0, the app to a
-    local upstream), push requests through the inbound listener, and compare the proxy's peak
-    RSS with the sidecar's memory request."""
+    """Push mTLS requests (new handshakes and keep-alive) through the inbound listener of this
+    configuration and compare the proxy's peak RSS with the sidecar's memory request."""
     resources = _container("meshproxy")["resources"]
     request = _mebibytes(resources["requests"]["memory"])
     limit = _mebibytes(resources["limits"]["memory"])
     assert request < limit
-    async with upstream() as up:
-        conf = tmp_path / "conf"
-        conf.mkdir()
-        for key, text in _one("ConfigMap")["data"].items():
-            text = re.sub(r"(?:127\.0\.0\.1|0\.0\.0\.0):150\d\d", "127.0.0.1:0", text)
-            text = text.replace("app: 127.0.0.1:9080", f"app: 127.0.0.1:{up.port}")
-            (conf / key).write_text(text)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "meshproxy", "--log-level", "warning", "run", "-c", str(conf)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        try:
-            assert proc.stdout is not None
-            line = (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)).decode()
-            assert line.startswith("meshproxy ready:"), line
-            ports = dict(p.split("=", 1) for p in line.split(":", 1)[1].split())
-            limits = httpx.Limits(max_connections=16)
-            async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-                for _ in range(3):  # bounded: 3 x 200 requests
-                    replies = await asyncio.gather(
-                        *(client.get(f"http://{ports['inbound']}/reviews/{i}") for i in range(200))
-                    )
-                    assert {r.status_code for r in replies} == {200}
-            peak = _vm(proc.pid, "VmHWM")
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+    async with upstream() as app, running_example(tmp_path, app.port) as px:
+        for _ in range(3):  # bounded: 3 clients (up to 16 handshakes each) x 200 requests
+            async with px.client("bookinfo-productpage") as client:
+                replies = await asyncio.gather(
+                    *(client.get(px.url(f"/reviews/{i}")) for i in range(200))
+                )
+            assert {r.status_code for r in replies} == {200}
+        peak = _vm(px.proc.pid, "VmHWM")
     assert peak < request, f"peak RSS {peak:.1f} MiB exceeds the {request:.0f} MiB request"

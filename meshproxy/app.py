@@ -91,8 +91,13 @@ class App:
         access_log_format: AccessLogFormat | None = None,
         record_sinks: Sequence[RecordSink] = (),
         seed: int | None = None,
+        worker: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
+        # (index, count) when this process is one of several workers (meshproxy/workers.py):
+        # its listeners share their ports through SO_REUSEPORT and it holds its share of each
+        # cluster's limits.
+        self.worker = worker
         self.state = State.STARTING
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
@@ -161,7 +166,9 @@ class App:
         clusters = list(table.clusters.values())
         if app_cluster is not None:
             clusters.append(app_cluster)
-        self.pools = pools = PoolManager(clusters, contexts)
+        self.pools = pools = PoolManager(
+            clusters, contexts, workers=self.worker[1] if self.worker is not None else 1
+        )
         self.metrics = MeshMetrics(
             self.config,
             clusters,
@@ -280,6 +287,7 @@ class App:
             request_headers_timeout=timeouts.request_headers,
             retry_buffer=self.config.bootstrap.spec.retry_buffer_bytes,
             tls=tls,
+            reuse_port=self.worker is not None,
         )
         await listener.start()
         self.listeners[name] = listener

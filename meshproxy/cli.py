@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from meshproxy.core.routing import HostTable
 from meshproxy.errors import CertificateError, ConfigError
 from meshproxy.io import ca
 from meshproxy.io.loop import loop_factory
+from meshproxy.workers import Supervisor, as_worker, worker_config, worker_count
 
 log = logging.getLogger("meshproxy")
 
@@ -69,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=[f.value for f in AccessLogFormat],
         default=None,
         help="text (Envoy's default format) or json; default: spec.telemetry.accessLog.format",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes sharing the listeners through SO_REUSEPORT (0: one per usable "
+        "core); default: spec.workers (1)",
     )
 
     validate = sub.add_parser("validate", help="check a configuration and exit")
@@ -169,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _route(args.config, args.method, args.url, headers, as_json=args.json)
     if args.command == "run":
         fmt = AccessLogFormat(args.access_log_format) if args.access_log_format else None
-        return _run(args.config, args.access_log, fmt)
+        return _run(args.config, args.access_log, fmt, args.workers)
     if args.command == "ca":
         return _ca(args)
     if args.command == "demo":
@@ -251,7 +261,12 @@ def _validate(paths: list[str]) -> int:
     return 0
 
 
-def _run(paths: list[str], access_log: str | None, fmt: AccessLogFormat | None = None) -> int:
+def _run(
+    paths: list[str],
+    access_log: str | None,
+    fmt: AccessLogFormat | None = None,
+    workers: int | None = None,
+) -> int:
     try:
         config = load_paths(paths)
     except ConfigError as exc:
@@ -259,6 +274,19 @@ def _run(paths: list[str], access_log: str | None, fmt: AccessLogFormat | None =
             print(issue, file=sys.stderr)
         print(f"refusing to start: {len(exc.issues)} configuration error(s)", file=sys.stderr)
         return 1
+    worker = as_worker(os.environ)
+    if worker is not None:
+        config = worker_config(config, os.environ)
+    else:
+        count = worker_count(workers if workers is not None else config.bootstrap.spec.workers)
+        if count > 1:
+            extra = []
+            if access_log:
+                extra += ["--access-log", access_log]
+            if fmt is not None:
+                extra += ["--access-log-format", fmt.value]
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                return runner.run(_supervise(config, paths, count, extra))
     out: TextIO | None = None
     if access_log == "-":
         out = sys.stdout
@@ -266,17 +294,41 @@ def _run(paths: list[str], access_log: str | None, fmt: AccessLogFormat | None =
         out = open(access_log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_serve(config, out, fmt))
+            return runner.run(_serve(config, out, fmt, worker))
     finally:
         if out is not None and out is not sys.stdout:
             out.close()
 
 
+async def _supervise(config: MeshConfig, paths: list[str], count: int, extra: list[str]) -> int:
+    supervisor = Supervisor(config, paths, count, extra)
+    try:
+        await supervisor.start()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"cannot start {count} workers: {exc}", file=sys.stderr)
+        return 3
+    supervisor.install_signal_handlers()
+    admin = supervisor.admin
+    assert admin is not None
+    log.info("%d workers ready", count)
+    print(
+        f"meshproxy ready: {supervisor.listeners_text} admin={admin.address.host}:{admin.port}",
+        flush=True,
+    )
+    try:
+        return await supervisor.wait()
+    finally:
+        await supervisor.close()
+
+
 async def _serve(
-    config: MeshConfig, access_log: TextIO | None, fmt: AccessLogFormat | None = None
+    config: MeshConfig,
+    access_log: TextIO | None,
+    fmt: AccessLogFormat | None = None,
+    worker: tuple[int, int] | None = None,
 ) -> int:
     # The access log's lines are written by a thread; App.close flushes it before ``out`` closes.
-    app = App(config, access_log=access_log, access_log_format=fmt)
+    app = App(config, access_log=access_log, access_log_format=fmt, worker=worker)
     try:
         await app.start()
     except OSError as exc:

@@ -377,8 +377,9 @@ class RawClient:
 
 
 class ProxyProcess:
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, *args: str) -> None:
         self.config_path = config_path
+        self.args = args  # more `meshproxy run` options
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
 
@@ -393,6 +394,7 @@ class ProxyProcess:
                 "run",
                 "-c",
                 self.config_path,
+                *self.args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -262,10 +262,12 @@ class ClusterState:
         endpoints: Sequence[Endpoint],
         tasks: set[asyncio.Task[None]],
         contexts: ClientContexts | None = None,
+        workers: int = 1,
     ) -> None:
         self.cluster = cluster
         self.contexts = contexts  # outbound TLS contexts (None: this proxy originates no TLS)
-        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy))
+        # With several worker processes each holds its share of the cluster's limits.
+        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy).shared_by(workers))
         od = cluster.policy.outlier_detection if cluster.policy is not None else None
         # Istio configures outlier detection only when the DestinationRule has the block.
         self.outlier = (
@@ -667,13 +669,19 @@ def _origination_for(state: ClusterState, endpoint: Endpoint) -> Origination | N
 class PoolManager:
     """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough", "contexts", "tasks")
+    __slots__ = ("_by_cluster", "_passthrough", "contexts", "tasks", "workers")
 
-    def __init__(self, clusters: Iterable[Cluster], contexts: ClientContexts | None = None) -> None:
+    def __init__(
+        self,
+        clusters: Iterable[Cluster],
+        contexts: ClientContexts | None = None,
+        workers: int = 1,
+    ) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self.contexts = contexts
+        self.workers = workers
         self._by_cluster: dict[str, ClusterState] = {
-            c.name: ClusterState(c, c.endpoints, self.tasks, contexts) for c in clusters
+            c.name: ClusterState(c, c.endpoints, self.tasks, contexts, workers) for c in clusters
         }
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
@@ -682,7 +690,9 @@ class PoolManager:
     def state(self, cluster: Cluster) -> ClusterState:
         found = self._by_cluster.get(cluster.name)
         if found is None:
-            found = ClusterState(cluster, cluster.endpoints, self.tasks, self.contexts)
+            found = ClusterState(
+                cluster, cluster.endpoints, self.tasks, self.contexts, self.workers
+            )
             self._by_cluster[cluster.name] = found
         return found
 

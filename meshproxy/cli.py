@@ -311,8 +311,10 @@ async def _supervise(config: MeshConfig, paths: list[str], count: int, extra: li
     admin = supervisor.admin
     assert admin is not None
     log.info("%d workers ready", count)
+    health = supervisor.health
     print(
-        f"meshproxy ready: {supervisor.listeners_text} admin={admin.address.host}:{admin.port}",
+        f"meshproxy ready: {supervisor.listeners_text} admin={admin.address.host}:{admin.port}"
+        + (f" health={health.address.host}:{health.port}" if health is not None else ""),
         flush=True,
     )
     try:

@@ -134,3 +134,32 @@ def test_bad_health_address_is_a_config_error(tmp_path: Path) -> None:
     result = _run("validate", "-c", str(path))
     assert result.returncode == 1
     assert "spec.health" in result.stderr, result.stderr
+
+
+async def test_with_workers_the_supervisor_serves_the_health_port(tmp_path: Path) -> None:
+    """``--workers 2``: one health port, the supervisor's, ready only while every worker is;
+    the workers bind none (two of them on a fixed 15021 would collide)."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(_config())
+    px = await ProxyProcess(str(path), "--workers", "2").start()
+    try:
+        async with httpx.AsyncClient() as client:
+            health = f"http://127.0.0.1:{px.ports['health']}"
+            admin = f"http://127.0.0.1:{px.ports['admin']}"
+            workers = (await client.get(admin + "/workers")).json()["workers"]
+            assert len(workers) == 2
+            for w in workers:  # each worker's own view of the bootstrap: no health port
+                dump = (await client.get(f"http://{w['admin']}/config_dump")).json()
+                assert "admin" in dump["bootstrap"]["spec"]
+                assert "health" not in dump["bootstrap"]["spec"]
+            r = await client.get(health + "/healthz/ready")
+            assert (r.status_code, r.text) == (200, "LIVE\n")
+            assert (await client.post(health + "/quitquitquit")).status_code == 404
+            await client.post(admin + "/healthcheck/fail")  # broadcast to every worker
+            r = await client.get(health + "/healthz/ready")
+            assert r.status_code == 503
+            assert "DRAINING" in r.text
+            await client.post(admin + "/quitquitquit")
+        assert await px.wait() == 0
+    finally:
+        px.stop()

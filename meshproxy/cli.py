@@ -1,8 +1,10 @@
-"""The command line: ``meshproxy run``, ``validate``, ``route``, ``demo`` and ``ca``.
+"""The command line: ``meshproxy run``, ``wait``, ``validate``, ``route``, ``demo`` and ``ca``.
 
 Owns argument parsing, logging set-up (the only place handlers are configured) and the process
 exit codes: 0 on a clean exit or drain, 1 on invalid configuration, 2 on usage errors, 3 when a
-listener cannot bind. ``validate`` prints the configuration's warnings (``core/explain.py``
+listener cannot bind. ``run`` watches its config files and reloads them on change or SIGHUP,
+printing one line per reload; ``wait`` exits 0 once a proxy's /ready answers 200 and 1 at its
+timeout. ``validate`` prints the configuration's warnings (``core/explain.py``
 ``lint``) on stderr after its summary and still exits 0; ``route`` explains where a request would
 go without sending it; ``ca init`` and ``ca issue`` run the development CA (``io/ca.py``).
 
@@ -22,15 +24,15 @@ from pathlib import Path
 from typing import TextIO
 
 from meshproxy import __version__
-from meshproxy.app import App
-from meshproxy.config.load import load_paths, parse_duration
+from meshproxy.app import App, ReloadResult
+from meshproxy.config.load import load_paths, parse_duration, parse_host_port
 from meshproxy.config.model import AccessLogFormat, MeshConfig
-from meshproxy.core.explain import explain_request, lint, to_json, to_text
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable
 from meshproxy.errors import CertificateError, ConfigError
 from meshproxy.io import ca
 from meshproxy.io.loop import loop_factory
+from meshproxy.io.wait import wait_ready
 from meshproxy.workers import Supervisor, as_worker, worker_config, worker_count
 
 log = logging.getLogger("meshproxy")
@@ -79,6 +81,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes sharing the listeners through SO_REUSEPORT (0: one per usable "
         "core); default: spec.workers (1)",
+    )
+
+    wait = sub.add_parser(
+        "wait",
+        help="block until a proxy is ready (GET /ready answers 200)",
+        description="Poll the admin address's /ready until it answers 200: exit 0 when ready, "
+        "1 at the timeout (saying what it last saw), 2 on a usage error. For a postStart hook "
+        "or an app container's entrypoint (Istio's `pilot-agent wait`).",
+    )
+    wait.add_argument(
+        "--admin",
+        default="127.0.0.1:15000",
+        metavar="HOST:PORT",
+        help="the proxy's admin address (default: 127.0.0.1:15000)",
+    )
+    wait.add_argument(
+        "--timeout", default="60s", metavar="DURATION", help="e.g. 500ms, 30s, 2m (default 60s)"
     )
 
     validate = sub.add_parser("validate", help="check a configuration and exit")
@@ -180,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         fmt = AccessLogFormat(args.access_log_format) if args.access_log_format else None
         return _run(args.config, args.access_log, fmt, args.workers)
+    if args.command == "wait":
+        return _wait(args.admin, args.timeout)
     if args.command == "ca":
         return _ca(args)
     if args.command == "demo":
@@ -228,6 +249,8 @@ def _route(
     if loaded is None:
         return 1
     _, hosts, routes = loaded
+    from meshproxy.core.explain import explain_request, to_json, to_text  # not needed by `run`
+
     try:
         expl = explain_request(hosts, routes, method=method, url=url, headers=headers)
     except ValueError as exc:
@@ -253,6 +276,8 @@ def _validate(paths: list[str]) -> int:
         flush=True,
     )
     # Warnings go to stderr so the summary stays one line for scripts; they never fail validate.
+    from meshproxy.core.explain import lint  # imported here: `run` does not need it
+
     warnings = lint(config, hosts, routes)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -294,7 +319,7 @@ def _run(
         out = open(access_log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_serve(config, out, fmt, worker))
+            return runner.run(_serve(config, out, fmt, paths, worker))
     finally:
         if out is not None and out is not sys.stdout:
             out.close()
@@ -327,10 +352,19 @@ async def _serve(
     config: MeshConfig,
     access_log: TextIO | None,
     fmt: AccessLogFormat | None = None,
+    paths: Sequence[str] = (),
     worker: tuple[int, int] | None = None,
 ) -> int:
     # The access log's lines are written by a thread; App.close flushes it before ``out`` closes.
-    app = App(config, access_log=access_log, access_log_format=fmt, worker=worker)
+    # The config files are watched and re-read on SIGHUP; each reload's outcome is one line.
+    app = App(
+        config,
+        access_log=access_log,
+        access_log_format=fmt,
+        config_paths=paths,
+        worker=worker,
+    )
+    app.on_reload = lambda result: _print_reload(app, result)
     try:
         await app.start()
     except OSError as exc:
@@ -340,12 +374,7 @@ async def _serve(
         print(f"cannot load this workload's certificate: {exc}", file=sys.stderr)
         return 4
     app.install_signal_handlers()
-    parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
-    if app.admin is not None:
-        parts.append(f"admin={app.admin.address.host}:{app.admin.port}")
-    if app.health is not None:
-        parts.append(f"health={app.health.address.host}:{app.health.port}")
-    print("meshproxy ready: " + " ".join(parts), flush=True)
+    print("meshproxy ready: " + _addresses(app), flush=True)
     try:
         await app.wait_stopped()
     finally:
@@ -383,3 +412,44 @@ def _ca(args: argparse.Namespace) -> int:
         f"{files.cert} {files.key} {files.ca}"
     )
     return 0
+
+
+def _addresses(app: App) -> str:
+    parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
+    if app.admin is not None:
+        parts.append(f"admin={app.admin.address.host}:{app.admin.port}")
+    if app.health is not None:
+        parts.append(f"health={app.health.address.host}:{app.health.port}")
+    return " ".join(parts)
+
+
+def _print_reload(app: App, result: ReloadResult) -> None:
+    """One stdout line per reload, like the ready line (the errors themselves are logged)."""
+    if result.accepted:
+        print(f"meshproxy reloaded: version={result.version} {_addresses(app)}", flush=True)
+    else:
+        print(
+            f"meshproxy reload rejected: {len(result.errors)} error(s); "
+            f"still serving version={result.version}",
+            flush=True,
+        )
+
+
+def _wait(admin: str, timeout: str) -> int:
+    try:
+        address = parse_host_port(admin)
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        print(f"meshproxy wait: {exc}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(wait_ready(address, seconds))
+    if result.ready:
+        print(f"meshproxy wait: ready ({result.last})", flush=True)
+        return 0
+    print(
+        f"meshproxy wait: not ready after {timeout} ({result.tries} tries); "
+        f"last saw: {result.last}",
+        file=sys.stderr,
+    )
+    return 1

@@ -291,7 +291,10 @@ class DownstreamConnection(asyncio.Protocol):
     def _on_head(self, head: RequestHead) -> None:
         self.phase = Phase.ACTIVE
         now = self.loop.time()
-        record = self.record = RequestRecord(self.handler.direction, now, self.peer)
+        # The listener's handler as of this request: a config reload swaps it, and new requests
+        # on kept-alive connections take the new one while this one finishes on its own.
+        handler = self.handler = self.listener.handler
+        record = self.record = RequestRecord(handler.direction, now, self.peer)
         if self.tls:
             record.tls = True
             identity = self.identity
@@ -299,7 +302,7 @@ class DownstreamConnection(asyncio.Protocol):
                 record.source_principal = identity.uri
                 record.peer_cert_hash = identity.cert_hash
         try:
-            forward = self.handler.on_request(head, record)
+            forward = handler.on_request(head, record)
         except ProxyError as exc:
             self.bodyless = not any(
                 n in (b"content-length", b"transfer-encoding") for n, _ in head.headers

@@ -323,6 +323,17 @@ class ClusterState:
             self._next_tick = now + outlier.settings.interval
             outlier.tick(now)
 
+    def close_idle(self) -> bool:
+        """Close the idle connections of a retired state; True once nothing is left in use
+        (no connection, no queued request), so the caller can forget it."""
+        done = True
+        for pool in self.pools:
+            while pool.idle:
+                pool.idle.popleft().close()
+            if pool.connections or pool.waiters or pool.active_requests:
+                done = False
+        return done
+
     def snapshot(self, now: float) -> dict[str, object]:
         endpoints = []
         for pool in self.pools:
@@ -676,13 +687,20 @@ class PoolManager:
         clusters: Iterable[Cluster],
         contexts: ClientContexts | None = None,
         workers: int = 1,
+        *,
+        carried: Iterable[ClusterState] = (),
+        tasks: set[asyncio.Task[None]] | None = None,
     ) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set() if tasks is None else tasks
         self.contexts = contexts
         self.workers = workers
-        self._by_cluster: dict[str, ClusterState] = {
-            c.name: ClusterState(c, c.endpoints, self.tasks, contexts, workers) for c in clusters
-        }
+        kept = {s.cluster.name: s for s in carried}
+        self._by_cluster: dict[str, ClusterState] = {}
+        for c in clusters:
+            state = kept.get(c.name)
+            if state is None or state.cluster != c:
+                state = ClusterState(c, c.endpoints, self.tasks, contexts, workers)
+            self._by_cluster[c.name] = state
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
         )
@@ -715,6 +733,28 @@ class PoolManager:
 
     def states(self) -> list[ClusterState]:
         return [*self._by_cluster.values(), *self._passthrough.values()]
+
+    def successor(self, clusters: Iterable[Cluster]) -> tuple[PoolManager, list[ClusterState]]:
+        """The pools for a reloaded config, and the states it no longer uses.
+
+        A cluster whose definition is unchanged keeps its state (connections, limits, outlier
+        ejections, counters), so a reload that touches routes leaves upstream connections
+        alone (reference §6 #11). The others get fresh states; the retired ones are for the
+        caller to close once idle (``ClusterState.close_idle``), never cutting a request in
+        flight. Passthrough destinations are re-created on demand. Nothing here changes
+        ``self``: a reload that fails later simply drops the successor.
+        """
+        # One owner for every connect task, the old pools' and the new ones'.
+        nxt = PoolManager(
+            clusters,
+            self.contexts,
+            self.workers,
+            carried=self._by_cluster.values(),
+            tasks=self.tasks,
+        )
+        used = {id(s) for s in nxt._by_cluster.values()}
+        retired = [s for s in self.states() if id(s) not in used]
+        return nxt, retired
 
     def all_pools(self) -> list[tuple[str, EndpointPool]]:
         return [(s.cluster.name, p) for s in self.states() for p in s.pools]

@@ -12,7 +12,8 @@ Owns the proxy's ``CollectorRegistry`` (never prometheus_client's global one) an
 - Proxy internals in Envoy's spirit (``meshproxy_cluster_*``, ``meshproxy_listener_*``), read at
   scrape time from snapshot callables the composition root passes in, so this module never touches
   pools or listeners (``telemetry`` never imports ``io``, ``layers`` or ``stacks``).
-- Config reload counters and a certificate expiry gauge (the workload certificate and its roots).
+- Config reload counters (fed by ``App.reload``) and a certificate expiry gauge (the workload
+  certificate and each root of its trust bundle).
 
 Rules: label values are bounded. Every value comes from the config (workload, cluster, service,
 endpoint labels), from a fixed set (reporter, flags, policy) or is the response code; raw paths
@@ -382,8 +383,8 @@ class MeshMetrics:
         )
         self.config_reloads = Counter(
             "meshproxy_config_reloads_total",
-            "Configuration reloads by result (accepted, rejected). Config reload is a later "
-            "issue: until it lands both stay 0.",
+            "Configuration reloads (file change or SIGHUP) by result: accepted (now serving), "
+            "rejected (invalid or unbindable; the previous config keeps serving).",
             ("result",),
             registry=registry,
         )
@@ -540,7 +541,7 @@ class MeshMetrics:
         children.sent.inc(record.bytes_sent)
         children.received.inc(record.bytes_received)
 
-    # -- reload (a later issue calls these) -----------------------------------------------------
+    # -- reload (App.reload calls these) --------------------------------------------------------
     def reload_accepted(self) -> None:
         self.config_reloads.labels("accepted").inc()
 

@@ -470,6 +470,8 @@ class App:
             retry_buffer=spec.retry_buffer_bytes,
             tls=tls,
             reuse_port=self.worker is not None,
+            # Only outbound routes by where the app connected (transparent capture, issue #8).
+            original_dst=name == "outbound",
         )
         await listener.start()
         return listener

@@ -1,14 +1,18 @@
-"""The command line: ``meshproxy run``, ``wait``, ``validate``, ``route``, ``demo`` and ``ca``.
+"""The command line: ``meshproxy run``, ``wait``, ``validate``, ``route``, ``iptables``, ``ca`` and
+``demo``.
 
 Owns argument parsing, logging set-up (the only place handlers are configured) and the process
 exit codes: 0 on a clean exit or drain, 1 on invalid configuration, 2 on usage errors, 3 when a
-listener cannot bind. ``run`` watches its config files and reloads them on change or SIGHUP,
-printing one line per reload; ``wait`` exits 0 once a proxy's /ready answers 200 and 1 at its
-timeout. ``validate`` prints the configuration's warnings (``core/explain.py``
-``lint``) on stderr after its summary and still exits 0; ``route`` explains where a request would
-go without sending it; ``ca init`` and ``ca issue`` run the development CA (``io/ca.py``).
+listener cannot bind, 4 when ``iptables --apply`` finds iptables missing or refusing the rules, or
+when this workload's certificate cannot be loaded. ``run`` watches its config files and reloads
+them on change or SIGHUP, printing one line per reload; ``wait`` exits 0 once a proxy's /ready
+answers 200 and 1 at its timeout. ``validate`` prints the configuration's warnings
+(``core/explain.py`` ``lint``) on stderr after its summary and still exits 0; ``route`` explains
+where a request would go without sending it; ``ca init`` and ``ca issue`` run the development CA
+(``io/ca.py``).
 
-Rules: thin; everything it does is a call into ``app``, ``config`` or ``io.ca``.
+Rules: thin; everything it does is a call into ``app``, ``workers``, ``config`` or ``io`` (``ca``,
+``capture``; ``iptables`` builds its rules in ``core/capture.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +31,25 @@ from meshproxy import __version__
 from meshproxy.app import App, ReloadResult
 from meshproxy.config.load import load_paths, parse_duration, parse_host_port
 from meshproxy.config.model import AccessLogFormat, MeshConfig
+from meshproxy.core.capture import (
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    PROXY_UID,
+    RESERVED_INBOUND_PORTS,
+    CaptureSpec,
+    Family,
+    parse_exclude_ips,
+    parse_inbound_ports,
+    parse_include_ips,
+    parse_owners,
+    parse_ports,
+    restore_text,
+)
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable
 from meshproxy.errors import CertificateError, ConfigError
 from meshproxy.io import ca
+from meshproxy.io.capture import IptablesError, apply_rules
 from meshproxy.io.loop import loop_factory
 from meshproxy.io.wait import wait_ready
 from meshproxy.workers import Supervisor, as_worker, worker_config, worker_count
@@ -124,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--json", action="store_true", help="print the explanation as JSON")
     route.add_argument("url", metavar="URL", help="e.g. http://reviews:9080/reviews/1?x=1")
 
+    _iptables_parser(sub)
+
     demo = sub.add_parser("demo", help="run a local bookinfo mesh and show the canary routing")
     demo.add_argument(
         "--requests",
@@ -178,6 +199,48 @@ def _ca_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     issue.add_argument("--ca-name", default="ca.pem", metavar="NAME")
 
 
+def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ipt = sub.add_parser(
+        "iptables",
+        help="write the nat rules that capture the app's traffic (Istio's istio-iptables)",
+        description="Print or apply the iptables nat rules that send the app's outbound TCP to "
+        "the outbound listener and inbound TCP to the inbound listener, never capturing the "
+        "proxy's own traffic (matched by uid/gid), as Istio's init container does. Defaults "
+        "are the sidecar injector's: -p 15001 -z 15006 -u 1337 -b '*' -i '*' "
+        "-d 15090,15021,15020.",
+    )
+    mode = ipt.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--print", action="store_true", help="print the iptables-restore input")
+    mode.add_argument(
+        "--apply", action="store_true", help="feed it to iptables-restore --noflush (root)"
+    )
+    ipt.add_argument("--proxy-uid", default=PROXY_UID, metavar="UIDS", help="default 1337")
+    ipt.add_argument("--proxy-gid", default=None, metavar="GIDS", help="default: the uids")
+    ipt.add_argument("--outbound-port", type=int, default=OUTBOUND_PORT, help="default 15001")
+    ipt.add_argument("--inbound-port", type=int, default=INBOUND_PORT, help="default 15006")
+    ipt.add_argument(
+        "--inbound-ports",
+        default="*",
+        metavar="PORTS",
+        help="'*' (default) or a port list to capture inbound; '' captures none",
+    )
+    ipt.add_argument(
+        "--exclude-inbound-ports",
+        default="",
+        metavar="PORTS",
+        help="with '*': ports not captured, after 15090,15021,15020 (always excluded, as the "
+        "injector's -d)",
+    )
+    ipt.add_argument("--exclude-outbound-ports", default="", metavar="PORTS")
+    ipt.add_argument(
+        "--include-outbound-ips", default="*", metavar="CIDRS", help="'*' (default) or CIDRs"
+    )
+    ipt.add_argument("--exclude-outbound-ips", default="", metavar="CIDRS")
+    ipt.add_argument(
+        "--ipv6", action="store_true", help="also write the ip6tables rules (ip6tables-restore)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -203,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _wait(args.admin, args.timeout)
     if args.command == "ca":
         return _ca(args)
+    if args.command == "iptables":
+        return _iptables(args)
     if args.command == "demo":
         from meshproxy.examples.demo import run_demo
 
@@ -260,6 +325,53 @@ def _route(
         print(json.dumps(to_json(expl), indent=2))
     else:
         print(to_text(expl), end="")
+    return 0
+
+
+def _capture_spec(args: argparse.Namespace) -> CaptureSpec:
+    """The options as a CaptureSpec; ``ValueError`` names the bad option."""
+    uids = parse_owners("--proxy-uid", args.proxy_uid)
+    gids = parse_owners("--proxy-gid", args.proxy_gid) if args.proxy_gid is not None else uids
+    for option, port in (
+        ("--outbound-port", args.outbound_port),
+        ("--inbound-port", args.inbound_port),
+    ):
+        if not 0 < port < 65536:
+            raise ValueError(f"{option}: {port} is not a port (1-65535)")
+    extra = parse_ports("--exclude-inbound-ports", args.exclude_inbound_ports)
+    return CaptureSpec(
+        proxy_uids=uids,
+        proxy_gids=gids,
+        outbound_port=args.outbound_port,
+        inbound_port=args.inbound_port,
+        inbound_ports=parse_inbound_ports(args.inbound_ports),
+        exclude_inbound_ports=tuple(dict.fromkeys((*RESERVED_INBOUND_PORTS, *extra))),
+        exclude_outbound_ports=parse_ports("--exclude-outbound-ports", args.exclude_outbound_ports),
+        include_outbound_ips=parse_include_ips(args.include_outbound_ips),
+        exclude_outbound_ips=parse_exclude_ips(args.exclude_outbound_ips),
+    )
+
+
+def _iptables(args: argparse.Namespace) -> int:
+    try:
+        spec = _capture_spec(args)
+    except ValueError as exc:
+        print(f"meshproxy iptables: {exc}", file=sys.stderr)
+        return 2
+    families = (Family.IPV4, Family.IPV6) if args.ipv6 else (Family.IPV4,)
+    if args.print:
+        for family in families:
+            tool = "iptables-restore" if family is Family.IPV4 else "ip6tables-restore"
+            print(f"# {tool} --noflush", flush=True)
+            print(restore_text(spec, family), end="", flush=True)
+        return 0
+    for family in families:
+        try:
+            apply_rules(restore_text(spec, family), family)
+        except IptablesError as exc:
+            print(f"meshproxy iptables: {exc}", file=sys.stderr)
+            return 4
+    log.info("capture rules applied (%s)", ", ".join(f"IPv{int(f)}" for f in families))
     return 0
 
 

@@ -82,6 +82,7 @@ class Listener:
         "idle_timeout",
         "loop",
         "name",
+        "original_dst",
         "port",
         "request_headers_timeout",
         "retry_buffer",
@@ -103,8 +104,11 @@ class Listener:
         retry_buffer: int = 64 * 1024,
         tls: InboundTLS | None = None,
         reuse_port: bool = False,
+        original_dst: bool = False,
     ) -> None:
         self.name = name
+        # Read each connection's SO_ORIGINAL_DST (the outbound listener under iptables capture).
+        self.original_dst = original_dst
         self.address = address
         self.handler = handler
         self.loop = asyncio.get_running_loop()

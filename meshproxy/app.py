@@ -183,6 +183,8 @@ class App:
         # Istio's metrics and the proxy's internals; a second scrape-only server as Istio's :15090.
         self.metrics: MeshMetrics | None = None
         self.prometheus: AdminServer | None = None
+        # Readiness only, for the kubelet (Istio's :15021 /healthz/ready); spec.health.
+        self.health: AdminServer | None = None
         self.pools: PoolManager | None = None
         # Spans of sampled requests (None: the bootstrap's tracing exporter is `none`).
         self.tracer: SpanReporter | None = None
@@ -266,6 +268,12 @@ class App:
                 scrape = {("GET", "/stats/prometheus"): self._stats_prometheus}
                 self.prometheus = AdminServer(spec.telemetry.prometheus, scrape)
                 await self.prometheus.start()
+            if spec.health is not None:
+                # The same answer as the admin /ready, and nothing else: this port may face the
+                # pod network, so it must never serve /quitquitquit or /healthcheck/fail.
+                probe = {("GET", "/healthz/ready"): self._ready, ("GET", "/ready"): self._ready}
+                self.health = AdminServer(spec.health, probe)
+                await self.health.start()
             for gate in self.readiness_gates:
                 await gate()
             for name, address in runtime.addresses.items():
@@ -694,6 +702,8 @@ class App:
             await self.admin.close()
         if self.prometheus is not None:
             await self.prometheus.close()
+        if self.health is not None:
+            await self.health.close()
         if self.access_log is not None:
             # After the listeners: the last requests' lines are queued. Joined off the loop.
             await asyncio.to_thread(self.access_log.close)

@@ -448,8 +448,10 @@ async def _supervise(config: MeshConfig, paths: list[str], count: int, extra: li
     admin = supervisor.admin
     assert admin is not None
     log.info("%d workers ready", count)
+    health = supervisor.health
     print(
-        f"meshproxy ready: {supervisor.listeners_text} admin={admin.address.host}:{admin.port}",
+        f"meshproxy ready: {supervisor.listeners_text} admin={admin.address.host}:{admin.port}"
+        + (f" health={health.address.host}:{health.port}" if health is not None else ""),
         flush=True,
     )
     try:
@@ -528,6 +530,8 @@ def _addresses(app: App) -> str:
     parts = [f"{name}={lst.address.host}:{lst.port}" for name, lst in app.listeners.items()]
     if app.admin is not None:
         parts.append(f"admin={app.admin.address.host}:{app.admin.port}")
+    if app.health is not None:
+        parts.append(f"health={app.health.address.host}:{app.health.port}")
     return " ".join(parts)
 
 

@@ -10,7 +10,8 @@ where Envoy runs worker threads, meshproxy runs worker *processes*:
   own loop, pools, limits and hot reload (each watches the files). They serve their admin on an
   ephemeral loopback port that only the supervisor uses. Circuit-breaker thresholds are divided
   among them (``LimitSettings.shared_by``).
-* **The admin server** (``spec.admin``) is the supervisor's: ``/ready`` once every worker is,
+* **The admin server** (``spec.admin``) is the supervisor's (and so are the scrape and health
+  ports): ``/ready`` once every worker is,
   ``/stats/prometheus`` sums the workers' series (a timestamp gauge takes the latest),
   ``/clusters`` merges their counters by cluster and endpoint, ``/quitquitquit``,
   ``/healthcheck/*`` and ``/drain_listeners`` go to every worker; the rest is asked of worker 0.
@@ -102,7 +103,7 @@ def as_worker(env: Mapping[str, str]) -> tuple[int, int] | None:
 def worker_config(config: MeshConfig, env: Mapping[str, str]) -> MeshConfig:
     """A worker's view of the configuration: the listener ports the supervisor chose, an admin
     server on an ephemeral loopback port (the supervisor's is the one on spec.admin), and no
-    separate scrape port (the supervisor serves the merged one)."""
+    separate scrape or health port (the supervisor serves the merged ones)."""
     binds = dict(
         item.rsplit("=", 1) for item in env.get("MESHPROXY_WORKER_BINDS", "").split(",") if item
     )
@@ -128,6 +129,7 @@ def worker_config(config: MeshConfig, env: Mapping[str, str]) -> MeshConfig:
         inbound=inbound,
         admin=HostPort(host="127.0.0.1", port=0),
         telemetry=dataclasses.replace(spec.telemetry, prometheus=None),
+        health=None,
     )
     bootstrap = dataclasses.replace(config.bootstrap, spec=new_spec)
     return dataclasses.replace(config, bootstrap=bootstrap)
@@ -179,6 +181,7 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.admin: AdminServer | None = None
         self.prometheus: AdminServer | None = None
+        self.health: AdminServer | None = None  # spec.health: ready once every worker is
         self._stopping = False
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # reapers and stdout pumps, owned here
@@ -225,6 +228,12 @@ class Supervisor:
                 spec.telemetry.prometheus, {("GET", "/stats/prometheus"): route}
             )
             await self.prometheus.start()
+        if spec.health is not None:
+            ready = Deferred(self._ready)
+            self.health = AdminServer(
+                spec.health, {("GET", "/healthz/ready"): ready, ("GET", "/ready"): ready}
+            )
+            await self.health.start()
         loop = asyncio.get_running_loop()
         for worker in self.workers:
             self._own(loop.create_task(self._reap(worker), name=f"worker-{worker.index}-reap"))
@@ -293,7 +302,7 @@ class Supervisor:
             await worker.process.wait()
 
     async def close(self) -> None:
-        for server in (self.admin, self.prometheus):
+        for server in (self.admin, self.prometheus, self.health):
             if server is not None:
                 await server.close()
         if any(w.process.returncode is None for w in self.workers):

@@ -341,15 +341,33 @@ def _expand(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         path = Path(p)
         if path.is_dir():
             files.extend(
-                sorted(f for f in path.rglob("*") if f.suffix in (".yaml", ".yml") and f.is_file())
+                sorted(
+                    f
+                    for f in path.rglob("*")
+                    if f.suffix in (".yaml", ".yml")
+                    and f.is_file()
+                    and not _hidden(f.relative_to(path))
+                )
             )
         else:
             files.append(path)
     return files
 
 
+def _hidden(relative: Path) -> bool:
+    """A dot-named file or a file under a dot-named directory, which a directory scan skips.
+
+    Kubernetes mounts a ConfigMap as a hidden ``..<timestamp>/`` directory holding the files, a
+    ``..data`` link to it and one visible link per key (the kubelet's atomic writer, so an update
+    swaps ``..data`` in one rename). Reading the hidden copies as well would load every document
+    twice; ``.git`` and editor files are skipped for the same reason.
+    """
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def load_paths(paths: Sequence[str | os.PathLike[str]]) -> MeshConfig:
-    """Read YAML files and directories (``*.yaml``/``*.yml``, recursively) into one MeshConfig."""
+    """Read YAML files and directories (``*.yaml``/``*.yml``, recursively, hidden names skipped)
+    into one MeshConfig."""
     issues: list[ConfigIssue] = []
     sources: list[tuple[str, str]] = []
     if not paths:

@@ -152,6 +152,9 @@ class MeshProxySpec:
     service_account: str = "default"
     trust_domain: str = "cluster.local"
     admin: HostPort = HostPort(host="127.0.0.1", port=15000)
+    # A probe-only port, as Istio's :15021 /healthz/ready: the kubelet probes the pod IP, so this
+    # one may bind 0.0.0.0 while the admin (with /quitquitquit) stays on loopback. None: off.
+    health: HostPort | None = None
     outbound: OutboundListener | None = None
     inbound: InboundListener | None = None
     outbound_traffic_policy: TrafficPolicyMode = TrafficPolicyMode.ALLOW_ANY

@@ -331,6 +331,7 @@ def test_cert_info_rejects_what_is_not_a_certificate(data: bytes) -> None:
     assert info.value.check is CertCheck.PEM
 
 
+@pytest.fixture
 def pair(ca_dir: Path) -> ca.IssuedPEM:
     return ca.issue_in_memory(ca_dir, ("default", "web"), 3600, now=NOW)
 

@@ -1,7 +1,8 @@
 """Two-hop mTLS benchmark (issue #5 section 5, issue #7 section 4): the path the mesh really runs.
 
     python benchmarks/mesh_mtls.py [--seconds 5] [--repeats 3] [--connections 1,32]
-                                   [--codec h11[,httptools]] [--smoke] [--out FILE]
+                                   [--codec h11[,httptools]] [--plaintext-mesh]
+                                   [--smoke] [--out FILE] [--no-write]
 
 Paths, all in the same run against the same upstream (nginx, or benchmarks/upstream.py):
 
@@ -12,6 +13,9 @@ Paths, all in the same run against the same upstream (nginx, or benchmarks/upstr
   because the ServiceEntry endpoint is labelled `security.istio.io/tlsMode: istio`; its
   serviceAccount is the SPIFFE identity the client checks. `--codec httptools` adds
   `meshproxy-httptools` with `spec.http1Codec: httptools` in both bootstraps.
+- `meshproxy-plaintext` (`--plaintext-mesh`, a diagnostic): the two meshproxy sidecars without
+  mTLS (no tlsMode label, PeerAuthentication DISABLE), to tell the cost of TLS from the cost of
+  the second hop.
 - `envoy`: the same through two Envoys (`--concurrency 1` each) with the static equivalents of
   istiod's outbound cluster and inbound filter chain (envoy-mtls-{client,server}.yaml.tmpl).
 
@@ -135,9 +139,14 @@ def start_meshproxy_pair(
     workdir: Path,
     stack: contextlib.ExitStack,
     pending: list[Pending],
+    *,
+    plaintext: bool = False,
 ) -> Contender:
-    """Launch the two sidecars; their readiness probes go to `pending`."""
+    """Launch the two sidecars; their readiness probes go to `pending`. `plaintext`: the
+    diagnostic path without mTLS (no tlsMode label, PeerAuthentication DISABLE)."""
     name = "meshproxy" if codec == "h11" else f"meshproxy-{codec}"
+    if plaintext:
+        name += "-plaintext"
     client_certs, server_certs = certs
     inbound_port, server_admin, listener_port, client_admin = bench.free_ports(4)
     # h11 is the default: no key is written, so this runs on a branch without the option too.
@@ -162,6 +171,8 @@ def start_meshproxy_pair(
             key=files.key,
             ca=files.ca,
             codec=codec_line,
+            endpoint_labels="{}" if plaintext else "{security.istio.io/tlsMode: istio}",
+            mtls_mode="DISABLE" if plaintext else "STRICT",
             telemetry=json.dumps(telemetry),
             telemetry_resource=f"---\n{json.dumps(resource)}" if resource else "",
         )
@@ -171,8 +182,10 @@ def start_meshproxy_pair(
         children.append(child)
     server, client = children
     trace_path = sink.path(f"{name}-client") if sink else None
-    label = f"{name} x2 ({codec}, metrics, 1% tracing)"
+    label = f"{name} x2 ({codec}, metrics, 1% tracing{', NO TLS' if plaintext else ''})"
     front = bench.Target(name, label, listener_port, client, MESH_PLAN, None, trace_path)
+    if plaintext:  # no mTLS port: left out of the handshake runs
+        return Contender(name, label, front, (client, server))
     return Contender(name, label, front, (client, server), inbound_port, server)
 
 
@@ -468,6 +481,20 @@ def block_markdown(block: Block, labels: dict[str, str]) -> list[str]:
     s = block.summaries
     direct, envoy = s.get("direct"), s.get("envoy")
     lines.append("")
+    for name, plain in s.items():
+        mtls = s.get(name.removesuffix("-plaintext"))
+        if name.endswith("-plaintext") and mtls is not None:
+            lines.append(
+                ratio_line(
+                    f"TLS cost: {name.removesuffix('-plaintext')} (mTLS) / {name} req/s",
+                    mtls.rps,
+                    plain.rps,
+                )
+            )
+            lines.append(
+                f"- TLS cost in CPU: {mtls.cpu_us_per_req - plain.cpu_us_per_req:.1f} µs per "
+                "request over both sidecars"
+            )
     for name, mesh in s.items():
         if not name.startswith("meshproxy") or envoy is None:
             continue
@@ -648,6 +675,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma list of meshproxy codecs, one contender each (h11; `httptools` sets "
         "spec.http1Codec: httptools in both sidecars)",
     )
+    parser.add_argument(
+        "--plaintext-mesh",
+        action="store_true",
+        help="diagnostic: also run two meshproxy sidecars WITHOUT mTLS (the first codec), to "
+        "separate the cost of TLS from the cost of the second hop",
+    )
     parser.add_argument("--handshake-seconds", type=float, help="per run (default 3)")
     parser.add_argument(
         "--handshake-max", type=int, help="connections per client process per run (20000)"
@@ -737,6 +770,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 contenders.append(
                     start_meshproxy_pair(
                         args, codec, upstream.port, certs, sink, workdir, stack, pending
+                    )
+                )
+            if args.plaintext_mesh:
+                contenders.append(
+                    start_meshproxy_pair(
+                        args,
+                        args.codecs[0],
+                        upstream.port,
+                        certs,
+                        sink,
+                        workdir,
+                        stack,
+                        pending,
+                        plaintext=True,
                     )
                 )
             contenders.append(start_envoy_pair(args, upstream.port, certs, workdir, stack, pending))

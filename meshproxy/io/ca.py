@@ -3,8 +3,8 @@
 Owns the dev CA directory (``ca.pem``: the root certificate, ``ca-key.pem``: its private key),
 issuing workload certificates from it (to files or in memory), reading a certificate's identity
 (SPIFFE ID, serial, validity, XFCC hash), and validating a certificate/key/bundle triple before a
-proxy uses it (``load_pair``: what a rotation runs so a half-written or mismatched pair is refused
-and the old one stays).
+proxy uses it (``load_pair``, ``load_pair_files``: what a rotation runs so a half-written or
+mismatched pair is refused and the old one stays).
 
 What it issues follows Istio's CA (``security/pkg/pki/util/generate_cert.go``, ``san.go``):
 
@@ -163,7 +163,7 @@ def cert_info(data: bytes) -> CertInfo:
 
     CertificateError(PEM) if it does not parse.
     """
-    if data.lstrip().startswith(b"-----BEGIN"):
+    if b"-----BEGIN" in data:  # PEM may follow explanatory text (openssl's "Bag Attributes")
         cert = _load_certs(data, "certificate")[0]
     else:
         try:
@@ -294,6 +294,36 @@ def load_pair(
             CertCheck.NO_SPIFFE_ID, "the certificate has no spiffe:// URI subject alternative name"
         )
     return info
+
+
+class LoadedPair(NamedTuple):
+    """A validated certificate chain, key and bundle: the leaf's info and the exact bytes checked
+    (load those, not the files again, which may have changed since)."""
+
+    info: CertInfo
+    cert: bytes
+    key: bytes
+    root: bytes
+
+
+def load_pair_files(
+    cert: Path,
+    key: Path,
+    root: Path,
+    *,
+    now: dt.datetime | None = None,
+    require_spiffe_id: bool = True,
+) -> LoadedPair:
+    """Read the three files and ``load_pair`` them; CertificateError(FILE) if one cannot be read
+    (missing while cert-manager or SPIRE's helper rewrites it, a directory, no permission)."""
+    data: list[bytes] = []
+    for path in (cert, key, root):
+        try:
+            data.append(path.read_bytes())
+        except OSError as exc:
+            raise CertificateError(CertCheck.FILE, f"cannot read {path}: {exc.strerror}") from exc
+    info = load_pair(*data, now=now, require_spiffe_id=require_spiffe_id)
+    return LoadedPair(info=info, cert=data[0], key=data[1], root=data[2])
 
 
 def _name(cert: x509.Certificate) -> str:

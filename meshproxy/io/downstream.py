@@ -38,6 +38,7 @@ from meshproxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from meshproxy.io.capture import original_destination
 from meshproxy.io.handler import Forward, Handler
 from meshproxy.io.mirror import MIRROR_BODY_MAX, shadow
 from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
@@ -110,6 +111,7 @@ class DownstreamConnection(asyncio.Protocol):
         "identity",
         "listener",
         "loop",
+        "original_dst",
         "peer",
         "phase",
         "pool",
@@ -136,6 +138,8 @@ class DownstreamConnection(asyncio.Protocol):
         # The TLS peer's proof of identity (None: plaintext, or no certificate).
         self.identity: PeerIdentity | None = None
         self.tls = False
+        # Where the app connected before an iptables REDIRECT ("ip:port"; "" if not redirected).
+        self.original_dst = ""
         self.phase = Phase.IDLE
         self.since = self.loop.time()
         self._pause = 0
@@ -181,6 +185,10 @@ class DownstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.listener.original_dst:
+                # One getsockopt per connection (the outbound listener only), as Envoy's
+                # original_dst listener filter: where the app connected before a REDIRECT.
+                self.original_dst = original_destination(sock)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -291,15 +299,19 @@ class DownstreamConnection(asyncio.Protocol):
     def _on_head(self, head: RequestHead) -> None:
         self.phase = Phase.ACTIVE
         now = self.loop.time()
-        record = self.record = RequestRecord(self.handler.direction, now, self.peer)
+        # The listener's handler as of this request: a config reload swaps it, and new requests
+        # on kept-alive connections take the new one while this one finishes on its own.
+        handler = self.handler = self.listener.handler
+        record = self.record = RequestRecord(handler.direction, now, self.peer)
         if self.tls:
             record.tls = True
             identity = self.identity
             if identity is not None:
                 record.source_principal = identity.uri
                 record.peer_cert_hash = identity.cert_hash
+        record.original_dst = self.original_dst
         try:
-            forward = self.handler.on_request(head, record)
+            forward = handler.on_request(head, record)
         except ProxyError as exc:
             self.bodyless = not any(
                 n in (b"content-length", b"transfer-encoding") for n, _ in head.headers
@@ -730,6 +742,7 @@ class DownstreamConnection(asyncio.Protocol):
             record = self.record = RequestRecord(
                 self.handler.direction, self.loop.time(), self.peer
             )
+            record.original_dst = self.original_dst
         record.add_flag(error.flag)
         record.response_code = error.status_hint
         close = error.close or self.listener.draining or not (self.request_done or self.bodyless)

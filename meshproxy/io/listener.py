@@ -82,9 +82,11 @@ class Listener:
         "idle_timeout",
         "loop",
         "name",
+        "original_dst",
         "port",
         "request_headers_timeout",
         "retry_buffer",
+        "reuse_port",
         "server",
         "tasks",
         "tls",
@@ -101,8 +103,12 @@ class Listener:
         request_headers_timeout: float,
         retry_buffer: int = 64 * 1024,
         tls: InboundTLS | None = None,
+        reuse_port: bool = False,
+        original_dst: bool = False,
     ) -> None:
         self.name = name
+        # Read each connection's SO_ORIGINAL_DST (the outbound listener under iptables capture).
+        self.original_dst = original_dst
         self.address = address
         self.handler = handler
         self.loop = asyncio.get_running_loop()
@@ -116,6 +122,8 @@ class Listener:
         self.port = 0
         self._date = DateCache()
         self.tls = tls
+        # Several worker processes listen on one port; the kernel spreads connections over them.
+        self.reuse_port = reuse_port
         # Connections refused at the TLS layer, by reason (bounded set of names).
         self.tls_failures: dict[str, int] = {}
         self._lsock: socket.socket | None = None
@@ -132,6 +140,7 @@ class Listener:
             self.address.port,
             backlog=4096,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("listener %s on %s:%d", self.name, self.address.host, self.port)
@@ -145,6 +154,8 @@ class Listener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(sockaddr)
             sock.listen(4096)
             sock.setblocking(False)

@@ -262,10 +262,12 @@ class ClusterState:
         endpoints: Sequence[Endpoint],
         tasks: set[asyncio.Task[None]],
         contexts: ClientContexts | None = None,
+        workers: int = 1,
     ) -> None:
         self.cluster = cluster
         self.contexts = contexts  # outbound TLS contexts (None: this proxy originates no TLS)
-        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy))
+        # With several worker processes each holds its share of the cluster's limits.
+        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy).shared_by(workers))
         od = cluster.policy.outlier_detection if cluster.policy is not None else None
         # Istio configures outlier detection only when the DestinationRule has the block.
         self.outlier = (
@@ -320,6 +322,17 @@ class ClusterState:
         if outlier is not None and now >= self._next_tick:
             self._next_tick = now + outlier.settings.interval
             outlier.tick(now)
+
+    def close_idle(self) -> bool:
+        """Close the idle connections of a retired state; True once nothing is left in use
+        (no connection, no queued request), so the caller can forget it."""
+        done = True
+        for pool in self.pools:
+            while pool.idle:
+                pool.idle.popleft().close()
+            if pool.connections or pool.waiters or pool.active_requests:
+                done = False
+        return done
 
     def snapshot(self, now: float) -> dict[str, object]:
         endpoints = []
@@ -667,14 +680,27 @@ def _origination_for(state: ClusterState, endpoint: Endpoint) -> Origination | N
 class PoolManager:
     """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough", "contexts", "tasks")
+    __slots__ = ("_by_cluster", "_passthrough", "contexts", "tasks", "workers")
 
-    def __init__(self, clusters: Iterable[Cluster], contexts: ClientContexts | None = None) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
+    def __init__(
+        self,
+        clusters: Iterable[Cluster],
+        contexts: ClientContexts | None = None,
+        workers: int = 1,
+        *,
+        carried: Iterable[ClusterState] = (),
+        tasks: set[asyncio.Task[None]] | None = None,
+    ) -> None:
+        self.tasks: set[asyncio.Task[None]] = set() if tasks is None else tasks
         self.contexts = contexts
-        self._by_cluster: dict[str, ClusterState] = {
-            c.name: ClusterState(c, c.endpoints, self.tasks, contexts) for c in clusters
-        }
+        self.workers = workers
+        kept = {s.cluster.name: s for s in carried}
+        self._by_cluster: dict[str, ClusterState] = {}
+        for c in clusters:
+            state = kept.get(c.name)
+            if state is None or state.cluster != c:
+                state = ClusterState(c, c.endpoints, self.tasks, contexts, workers)
+            self._by_cluster[c.name] = state
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
         )
@@ -682,7 +708,9 @@ class PoolManager:
     def state(self, cluster: Cluster) -> ClusterState:
         found = self._by_cluster.get(cluster.name)
         if found is None:
-            found = ClusterState(cluster, cluster.endpoints, self.tasks, self.contexts)
+            found = ClusterState(
+                cluster, cluster.endpoints, self.tasks, self.contexts, self.workers
+            )
             self._by_cluster[cluster.name] = found
         return found
 
@@ -705,6 +733,28 @@ class PoolManager:
 
     def states(self) -> list[ClusterState]:
         return [*self._by_cluster.values(), *self._passthrough.values()]
+
+    def successor(self, clusters: Iterable[Cluster]) -> tuple[PoolManager, list[ClusterState]]:
+        """The pools for a reloaded config, and the states it no longer uses.
+
+        A cluster whose definition is unchanged keeps its state (connections, limits, outlier
+        ejections, counters), so a reload that touches routes leaves upstream connections
+        alone (reference §6 #11). The others get fresh states; the retired ones are for the
+        caller to close once idle (``ClusterState.close_idle``), never cutting a request in
+        flight. Passthrough destinations are re-created on demand. Nothing here changes
+        ``self``: a reload that fails later simply drops the successor.
+        """
+        # One owner for every connect task, the old pools' and the new ones'.
+        nxt = PoolManager(
+            clusters,
+            self.contexts,
+            self.workers,
+            carried=self._by_cluster.values(),
+            tasks=self.tasks,
+        )
+        used = {id(s) for s in nxt._by_cluster.values()}
+        retired = [s for s in self.states() if id(s) not in used]
+        return nxt, retired
 
     def all_pools(self) -> list[tuple[str, EndpointPool]]:
         return [(s.cluster.name, p) for s in self.states() for p in s.pools]

@@ -12,7 +12,8 @@ Owns the proxy's ``CollectorRegistry`` (never prometheus_client's global one) an
 - Proxy internals in Envoy's spirit (``meshproxy_cluster_*``, ``meshproxy_listener_*``), read at
   scrape time from snapshot callables the composition root passes in, so this module never touches
   pools or listeners (``telemetry`` never imports ``io``, ``layers`` or ``stacks``).
-- Config reload counters and a certificate expiry gauge (the workload certificate and its roots).
+- Config reload counters (fed by ``App.reload``) and a certificate expiry gauge (the workload
+  certificate and each root of its trust bundle).
 
 Rules: label values are bounded. Every value comes from the config (workload, cluster, service,
 endpoint labels), from a fixed set (reporter, flags, policy) or is the response code; raw paths
@@ -132,6 +133,8 @@ _CANONICAL_REVISION = (
 ClusterSnapshots = Callable[[], Iterable[Mapping[str, object]]]
 """Each cluster state's ``/clusters`` snapshot (name, limits, counters, endpoints, outlier)."""
 ListenerSnapshots = Callable[[], Iterable[tuple[str, int]]]
+"""(listener, reason, count) for each reason a listener refused connections at the TLS layer."""
+TlsRefusals = Callable[[], Iterable[tuple[str, str, int]]]
 """(listener name, active downstream connections) for each listener."""
 CertificateExpiries = Callable[[], Iterable[tuple[str, float]]]
 """(certificate name, notAfter as Unix time) for each certificate the proxy holds."""
@@ -343,6 +346,7 @@ class MeshMetrics:
         *,
         cluster_snapshots: ClusterSnapshots = _nothing,
         listener_snapshots: ListenerSnapshots = _nothing,
+        tls_refusals: TlsRefusals = _nothing,
         certificates: CertificateExpiries = _nothing,
     ) -> None:
         self.registry = registry = CollectorRegistry()
@@ -379,14 +383,16 @@ class MeshMetrics:
         )
         self.config_reloads = Counter(
             "meshproxy_config_reloads_total",
-            "Configuration reloads by result (accepted, rejected). Config reload is a later "
-            "issue: until it lands both stay 0.",
+            "Configuration reloads (file change or SIGHUP) by result: accepted (now serving), "
+            "rejected (invalid or unbindable; the previous config keeps serving).",
             ("result",),
             registry=registry,
         )
         for result in ("accepted", "rejected"):
             self.config_reloads.labels(result)
-        registry.register(_ProxyCollector(cluster_snapshots, listener_snapshots, certificates))
+        registry.register(
+            _ProxyCollector(cluster_snapshots, listener_snapshots, certificates, tls_refusals)
+        )
         self._tcp: dict[tuple[_Peer, str], _TcpChildren] = {}
         self._by_endpoint: dict[tuple[str, str], _Peer] = {}
         self._by_cluster: dict[str, _Peer] = {}
@@ -535,7 +541,7 @@ class MeshMetrics:
         children.sent.inc(record.bytes_sent)
         children.received.inc(record.bytes_received)
 
-    # -- reload (a later issue calls these) -----------------------------------------------------
+    # -- reload (App.reload calls these) --------------------------------------------------------
     def reload_accepted(self) -> None:
         self.config_reloads.labels("accepted").inc()
 
@@ -665,10 +671,12 @@ class _ProxyCollector(Collector):
         clusters: ClusterSnapshots,
         listeners: ListenerSnapshots,
         certificates: CertificateExpiries,
+        tls_refusals: TlsRefusals,
     ) -> None:
         self._clusters = clusters
         self._listeners = listeners
         self._certificates = certificates
+        self._tls_refusals = tls_refusals
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not checked against the registry's: they are ours alone
@@ -689,6 +697,16 @@ class _ProxyCollector(Collector):
         for listener, count in self._listeners():
             active.add_metric((listener,), count)
         yield active
+
+        refused = CounterMetricFamily(
+            "meshproxy_listener_tls_refused",
+            "Connections a listener refused at the TLS layer, by reason (plaintext on a STRICT "
+            "port, bad or missing client certificate, no SPIFFE ID, handshake timeout or error).",
+            labels=("listener_name", "reason"),
+        )
+        for listener, reason, count in self._tls_refusals():
+            refused.add_metric((listener, reason), count)
+        yield refused
 
         expiry = GaugeMetricFamily(
             "meshproxy_certificate_expiration_timestamp_seconds",

@@ -187,6 +187,12 @@ async def test_strict_refuses_plaintext_and_counts_it(pki: Pki) -> None:
         assert listener.tls_failures == {"plaintext": 1}
         assert listener.active == 0
         assert app.requests == []
+        assert server.app.metrics is not None
+        text = server.app.metrics.exposition().decode()
+        assert (
+            'meshproxy_listener_tls_refused_total{listener_name="inbound",reason="plaintext"} 1.0'
+            in text
+        )
 
 
 async def test_permissive_serves_tls_and_plaintext_on_one_port(pki: Pki) -> None:

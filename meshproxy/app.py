@@ -26,6 +26,7 @@ from typing import TextIO
 from meshproxy import __version__
 from meshproxy.config.istio import metrics_enabled
 from meshproxy.config.model import AccessLogFormat, MeshConfig, yaml_key
+from meshproxy.core.codecs import codec_factory
 from meshproxy.core.explain import explain_request, to_json
 from meshproxy.core.record import Direction
 from meshproxy.core.routetable import RouteTable
@@ -112,6 +113,8 @@ class App:
         self._sweeper: Sweeper | None = None
         self._started_at = time.time()
         self._health_failed = False
+        # spec.http1Codec: which HTTP/1.1 parser both sides use (issue #7).
+        self.codecs = codec_factory(config.bootstrap.spec.http1_codec)
 
     # -- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -133,7 +136,7 @@ class App:
         clusters = list(table.clusters.values())
         if app_cluster is not None:
             clusters.append(app_cluster)
-        self.pools = pools = PoolManager(clusters)
+        self.pools = pools = PoolManager(clusters, self.codecs.client)
         self.metrics = MeshMetrics(
             self.config,
             clusters,
@@ -214,6 +217,7 @@ class App:
             idle_timeout=timeouts.idle,
             request_headers_timeout=timeouts.request_headers,
             retry_buffer=self.config.bootstrap.spec.retry_buffer_bytes,
+            server_codec=self.codecs.server,
         )
         await listener.start()
         self.listeners[name] = listener

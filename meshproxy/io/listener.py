@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 
 from meshproxy.config.model import HostPort
-from meshproxy.core.http1 import Header, HeaderList
+from meshproxy.core.h11codec import H11ServerCodec
+from meshproxy.core.http1 import Header, HeaderList, ServerCodec
 from meshproxy.io.downstream import DownstreamConnection
 from meshproxy.io.handler import Handler
 
@@ -57,6 +58,7 @@ class Listener:
         "request_headers_timeout",
         "retry_buffer",
         "server",
+        "server_codec",
         "tasks",
     )
 
@@ -69,7 +71,9 @@ class Listener:
         idle_timeout: float,
         request_headers_timeout: float,
         retry_buffer: int = 64 * 1024,
+        server_codec: Callable[[], ServerCodec] = H11ServerCodec,
     ) -> None:
+        self.server_codec = server_codec  # spec.http1Codec (core/codecs.py)
         self.name = name
         self.address = address
         self.handler = handler

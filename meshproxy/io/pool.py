@@ -19,13 +19,14 @@ import collections
 import logging
 import socket
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from meshproxy.core.classify import Failure, Outcome
 from meshproxy.core.h11codec import H11ClientCodec
 from meshproxy.core.http1 import (
     Body,
+    ClientCodec,
     EndOfMessage,
     Informational,
     ResponseHead,
@@ -83,7 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
-        self.codec = H11ClientCodec()
+        self.codec: ClientCodec = pool.state.client_codec()
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.requests = 0  # requests started on this connection
@@ -239,6 +240,7 @@ class ClusterState:
 
     __slots__ = (
         "_next_tick",
+        "client_codec",
         "cluster",
         "keepalive",
         "limits",
@@ -251,8 +253,13 @@ class ClusterState:
     )
 
     def __init__(
-        self, cluster: Cluster, endpoints: Sequence[Endpoint], tasks: set[asyncio.Task[None]]
+        self,
+        cluster: Cluster,
+        endpoints: Sequence[Endpoint],
+        tasks: set[asyncio.Task[None]],
+        client_codec: Callable[[], ClientCodec] = H11ClientCodec,
     ) -> None:
+        self.client_codec = client_codec  # spec.http1Codec (core/codecs.py)
         self.cluster = cluster
         self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy))
         od = cluster.policy.outlier_detection if cluster.policy is not None else None
@@ -585,12 +592,15 @@ class EndpointPool:
 class PoolManager:
     """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough", "tasks")
+    __slots__ = ("_by_cluster", "_passthrough", "client_codec", "tasks")
 
-    def __init__(self, clusters: Iterable[Cluster]) -> None:
+    def __init__(
+        self, clusters: Iterable[Cluster], client_codec: Callable[[], ClientCodec] = H11ClientCodec
+    ) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
+        self.client_codec = client_codec
         self._by_cluster: dict[str, ClusterState] = {
-            c.name: ClusterState(c, c.endpoints, self.tasks) for c in clusters
+            c.name: ClusterState(c, c.endpoints, self.tasks, client_codec) for c in clusters
         }
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
@@ -599,7 +609,7 @@ class PoolManager:
     def state(self, cluster: Cluster) -> ClusterState:
         found = self._by_cluster.get(cluster.name)
         if found is None:
-            found = ClusterState(cluster, cluster.endpoints, self.tasks)
+            found = ClusterState(cluster, cluster.endpoints, self.tasks, self.client_codec)
             self._by_cluster[cluster.name] = found
         return found
 
@@ -612,7 +622,8 @@ class PoolManager:
         if state is not None:
             self._passthrough.move_to_end(key)
             return state.pools[0]
-        state = ClusterState(cluster, (Endpoint(address=host, port=port),), self.tasks)
+        endpoint = Endpoint(address=host, port=port)
+        state = ClusterState(cluster, (endpoint,), self.tasks, self.client_codec)
         self._passthrough[key] = state
         while len(self._passthrough) > _PASSTHROUGH_POOLS_MAX:
             _, old = self._passthrough.popitem(last=False)

@@ -65,6 +65,7 @@ _HttpParserUpgrade = httptools.HttpParserUpgrade
 _EOM = EndOfMessage()
 _CRLF = b"\r\n"
 _LINE_ENDS = b"\r\n"
+_FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 # Returned by trailing_data() for input llhttp has already parsed ahead (see the module docstring).
 _PARSED_AHEAD = b"\r\n"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}
@@ -131,37 +132,75 @@ def _set_comma(headers: list[Header], name: bytes, values: Sequence[bytes]) -> l
     return out
 
 
-def _normalize(headers: HeaderList) -> tuple[list[Header], int | None, bool]:
-    """h11's normalize_and_validate for already-parsed headers: one Content-Length value, only
-    ``chunked`` as Transfer-Encoding. Returns the headers to write, the length, and chunked."""
-    out: list[Header] = []
-    length: bytes | None = None
-    chunked = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-length":
-            lengths = {v.strip() for v in value.split(b",")}
-            if len(lengths) != 1:
-                raise _LocalError("conflicting Content-Length headers")
-            value = lengths.pop()
-            if not value.isdigit() or len(value) > 20:
-                raise _LocalError("bad Content-Length")
-            if length is None:
-                length = value
-                out.append((name, value))
-            elif length != value:
-                raise _LocalError("conflicting Content-Length headers")
-        elif lname == b"transfer-encoding":
-            if chunked:
-                raise _LocalError("multiple Transfer-Encoding headers", 501)
-            value = value.lower()
-            if value != b"chunked":
-                raise _LocalError("Only Transfer-Encoding: chunked is supported", 501)
-            chunked = True
+class _Scan:
+    """One pass over a head's fields: what h11's normalize_and_validate, its keep-alive and Host
+    checks, and its header writer each look at (a pass apiece there; one here, on the hot path)."""
+
+    __slots__ = ("chunked", "close", "headers", "host_first", "hosts", "length", "upgrade")
+
+    def __init__(self, headers: HeaderList) -> None:
+        out: list[Header] = []
+        length: bytes | None = None
+        chunked = close = upgrade = False
+        hosts = 0
+        host_first = True  # every Host field already precedes every other field
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                lengths = {v.strip() for v in value.split(b",")}
+                if len(lengths) != 1:
+                    raise _LocalError("conflicting Content-Length headers")
+                value = lengths.pop()
+                if not value.isdigit() or len(value) > 20:
+                    raise _LocalError("bad Content-Length")
+                if length is None:
+                    length = value
+                elif length != value:
+                    raise _LocalError("conflicting Content-Length headers")
+                else:
+                    continue  # h11 keeps one of identical fields
+            elif lname == b"transfer-encoding":
+                if chunked:
+                    raise _LocalError("multiple Transfer-Encoding headers", 501)
+                value = value.lower()
+                if value != b"chunked":
+                    raise _LocalError("Only Transfer-Encoding: chunked is supported", 501)
+                chunked = True
+            elif lname == b"host":
+                hosts += 1
+                if len(out) >= hosts:
+                    host_first = False
+            elif lname == b"connection":
+                close = close or _has_close(value)
+            elif lname == b"upgrade":
+                upgrade = True
             out.append((name, value))
-        else:
-            out.append((name, value))
-    return out, (int(length) if length is not None else None), chunked
+        self.headers = out
+        self.length = int(length) if length is not None else None
+        self.chunked = chunked
+        self.hosts = hosts
+        self.host_first = host_first
+        self.close = close
+        self.upgrade = upgrade
+
+
+def _has_close(value: bytes) -> bool:
+    """h11's `b"close" in get_comma_header(..., b"connection")` for one field value."""
+    lowered = value.lower()
+    return b"close" in lowered and any(item.strip() == b"close" for item in lowered.split(b","))
+
+
+def _frame(first_line: bytes, scan: _Scan) -> bytes:
+    """h11's write_headers (Host fields first) for a scanned head, joined once."""
+    if not scan.host_first:
+        parts = [first_line]
+        _write_headers(parts, scan.headers)
+        return b"".join(parts)
+    lines = [b"%s: %s\r\n" % header for header in scan.headers]
+    lines.append(_CRLF)
+    return first_line + b"".join(lines)
+
+
 
 
 def _write_headers(parts: list[bytes], headers: HeaderList) -> None:
@@ -178,10 +217,7 @@ def _write_headers(parts: list[bytes], headers: HeaderList) -> None:
 
 
 def _wants_close(headers: HeaderList) -> bool:
-    for name, value in headers:
-        if name.lower() == b"connection" and b"close" in _comma_values(((name, value),), name):
-            return True
-    return False
+    return any(name.lower() == b"connection" and _has_close(value) for name, value in headers)
 
 
 class _BodyWriter:
@@ -256,6 +292,8 @@ class HttptoolsServerCodec:
 
     __slots__ = (
         "_began",
+        "_close",
+        "_closes",
         "_eof",
         "_error",
         "_events",
@@ -287,6 +325,8 @@ class HttptoolsServerCodec:
         self._trailers: list[Header] = []
         self._url = b""
         self._began = False  # the current message has begun (llhttp saw its first byte)
+        self._close = False  # the head being parsed says `Connection: close`
+        self._closes: collections.deque[bool] = collections.deque()  # per queued head
         self._in_body = False  # headers done: further headers are trailers
         self._head_size = 0
         self._head_fed = 0  # bytes fed while a head is incomplete (the 60 KiB bound)
@@ -306,6 +346,7 @@ class HttptoolsServerCodec:
 
     # -- llhttp callbacks (names fixed by httptools) ------------------------------------------
     def on_message_begin(self) -> None:
+        self._close = False
         self._began = True
         self._in_body = False
         self._headers = []
@@ -325,6 +366,8 @@ class HttptoolsServerCodec:
         self._head_size += len(name) + len(value) + 4
         if name == b"transfer-encoding":
             value = value.lower()  # as h11 hands it over
+        elif name == b"connection" and _has_close(value):
+            self._close = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -348,10 +391,12 @@ class HttptoolsServerCodec:
         except BadRequest as exc:
             # h11 had accepted this head: its reply is framed as a response to it.
             self._events.append(_Rejected(head))
+            self._closes.append(self._close)
             self._error = exc
             raise _Stop from exc
         self._head_fed = 0
         self._events.append(head)
+        self._closes.append(self._close)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Body(body))
@@ -441,7 +486,7 @@ class HttptoolsServerCodec:
         """The request handed out now is the one our response answers (h11's per-cycle state)."""
         self._method = head.method
         self._their_version = version = head.http_version
-        self._keep_alive = version >= b"1.1" and not _wants_close(head.headers)
+        self._keep_alive = version >= b"1.1" and not self._closes.popleft()
         self._validated = True
 
     def _after_request(self) -> RequestEvent:
@@ -496,7 +541,8 @@ class HttptoolsServerCodec:
         status = head.status
         if not 200 <= status < 1000:
             raise _LocalError("Response status_code should be in range [200, 1000)")
-        headers, length, chunked = _normalize(head.headers)
+        scan = _Scan(head.headers)
+        headers, length, chunked = scan.headers, scan.length, scan.chunked
         method = self._method
         # h11 chooses the headers as for GET when the request was HEAD, the writer as for HEAD.
         as_get = b"GET" if method == b"HEAD" else method
@@ -508,8 +554,9 @@ class HttptoolsServerCodec:
             header_framing = _Framing.LENGTH
         else:
             header_framing = _Framing.UNTIL_CLOSE
-        need_close = False
+        need_close = rewritten = False
         if header_framing is not _Framing.LENGTH:
+            rewritten = True
             headers = _set_comma(headers, b"content-length", ())
             if self._their_version < b"1.1":
                 headers = _set_comma(headers, b"transfer-encoding", ())
@@ -520,6 +567,7 @@ class HttptoolsServerCodec:
                 headers = _set_comma(headers, b"transfer-encoding", (b"chunked",))
                 chunked = True
         if not self._keep_alive or need_close:
+            rewritten = True
             connection = set(_comma_values(headers, b"connection"))
             connection.discard(b"keep-alive")
             connection.add(b"close")
@@ -532,12 +580,19 @@ class HttptoolsServerCodec:
             self._writer.set(_Framing.LENGTH, length)
         else:
             self._writer.set(_Framing.UNTIL_CLOSE, 0)
-        if _wants_close(headers):
-            self._keep_alive = False
+        first_line = b"HTTP/1.1 %d %s\r\n" % (status, head.reason)
+        if rewritten:
+            if _wants_close(headers):
+                self._keep_alive = False
+            parts = [first_line]
+            _write_headers(parts, headers)
+            out = b"".join(parts)
+        else:
+            if scan.close:
+                self._keep_alive = False
+            out = _frame(first_line, scan)
         self._resp = 1
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
-        _write_headers(parts, headers)
-        return b"".join(parts)
+        return out
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         try:
@@ -637,6 +692,7 @@ class HttptoolsClientCodec:
         "_eof",
         "_events",
         "_extra",
+        "_framing_fields",
         "_headers",
         "_in_body",
         "_keep_alive",
@@ -658,6 +714,7 @@ class HttptoolsClientCodec:
     def __init__(self) -> None:
         self._parser = _response_parser(self)
         self._upgrade = False  # our request proposed a protocol switch
+        self._framing_fields = False  # the response head has a length, coding or connection field
         self._events: collections.deque[ResponseEvent | ProxyError] = collections.deque()
         self._headers: list[Header] = []
         self._trailers: list[Header] = []
@@ -681,10 +738,10 @@ class HttptoolsClientCodec:
     # -- output ---------------------------------------------------------------------------------
     def send_head(self, head: RequestHead) -> bytes:
         try:
-            headers, length, chunked = _normalize(head.headers)
+            scan = _Scan(head.headers)
         except _LocalError as exc:
             raise BadRequest(f"request cannot be forwarded: {exc}") from exc
-        hosts = sum(1 for n, _ in headers if n.lower() == b"host")
+        hosts, length, chunked = scan.hosts, scan.length, scan.chunked
         if hosts == 0:
             raise BadRequest("request cannot be forwarded: Missing mandatory Host: header")
         if hosts > 1:
@@ -694,15 +751,13 @@ class HttptoolsClientCodec:
         else:
             self._writer.set(_Framing.LENGTH, length or 0)
         self._method = head.method
-        self._upgrade = any(n.lower() == b"upgrade" for n, _ in headers)
-        if _wants_close(headers):
+        self._upgrade = scan.upgrade
+        if scan.close:
             self._keep_alive = False
         self._sent = 1
         if head.method == b"HEAD":
             self._raw_head = bytearray()
-        parts = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
-        _write_headers(parts, headers)
-        return b"".join(parts)
+        return _frame(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), scan)
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
         try:
@@ -732,10 +787,13 @@ class HttptoolsClientCodec:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         value = value.rstrip(b" \t")
+        name = name.lower()
         if self._in_body:
-            self._trailers.append((name.lower(), value))
-        else:
-            self._headers.append((name.lower(), value))
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        if name in _FRAMING_FIELDS:
+            self._framing_fields = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -754,14 +812,21 @@ class HttptoolsClientCodec:
                 raise _Stop
             self._events.append(Informational(head))
             return
-        try:
-            _, length, chunked = _normalize(headers)
-        except _LocalError as exc:
-            self._events.append(UpstreamProtocolError(str(exc)))
-            raise _Stop from exc
+        length: int | None = None
+        chunked = False
+        if self._framing_fields:
+            self._framing_fields = False
+            try:
+                scan = _Scan(headers)
+            except _LocalError as exc:
+                self._events.append(UpstreamProtocolError(str(exc)))
+                raise _Stop from exc
+            length, chunked = scan.length, scan.chunked
+            if scan.close:
+                self._keep_alive = False
         self._in_body = True
         self._trailers = []
-        if head.http_version < b"1.1" or _wants_close(headers):
+        if head.http_version < b"1.1":
             self._keep_alive = False  # h11's _keep_alive()
         self._events.append(head)
         if self._method == b"HEAD":

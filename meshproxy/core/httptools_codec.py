@@ -19,11 +19,13 @@ How it matches the h11 codec's semantics:
   header line), exactly for CRLF heads with single-space separators; an incomplete head is bounded by
   the bytes fed while it is incomplete.
 
-Known differences (llhttp is stricter; pinned by the conformance suite): bare-LF line endings,
-obs-fold continuation lines, an empty line before the request line, and methods outside llhttp's
-method table are 400 here where h11 accepts them. ``trailing_data()`` is exact after an upgrade (the
-only place its bytes are used); for pipelined bytes llhttp already parsed it is non-empty but not the
-bytes themselves.
+Known differences (llhttp is stricter; pinned by ``tests/unit/test_codec_conformance.py``):
+bare-LF line endings, obs-fold continuation lines, control characters (other than HTAB) in field
+values, and methods outside llhttp's method table (lower-case or unknown ones) are 400 here where
+h11 accepts them. A head with two defects (an unsupported coding and a Content-Length llhttp cannot
+read) gets 400 here and 501 from h11. ``trailing_data()`` is exact after an upgrade (where its bytes
+become the tunnel's) and when the bytes came in a later read; for bytes llhttp already parsed in the
+same read it is non-empty but not those bytes (the pool only asks whether there are any).
 
 Rules: sans-I/O, like ``h11codec``; httptools is an optional import, so this module is imported
 only when the bootstrap selects it (``meshproxy.core.codecs``).

@@ -11,6 +11,7 @@ Rules: no imports beyond the standard library; nothing here touches a socket.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 # Envoy's local reply bodies (reference §2.10); byte-for-byte.
@@ -48,6 +49,35 @@ class ConfigError(MeshProxyError):
     def __init__(self, issues: list[ConfigIssue]) -> None:
         self.issues = tuple(issues)
         super().__init__("\n".join(str(i) for i in self.issues))
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates (the dev CA and the workload's certificate files; ``io/ca.py``)
+
+
+class CertCheck(enum.Enum):
+    """Which check a certificate, key or trust bundle failed."""
+
+    CA = "ca directory"  # the CA directory: missing, already initialised, unusable root or key
+    FILE = "file"  # a certificate, key or bundle file cannot be read
+    PEM = "pem"  # a file is not (complete) PEM of the expected kind
+    KEY_MISMATCH = "key mismatch"  # the private key is not the leaf certificate's key
+    CHAIN = "chain"  # the leaf does not chain to a root of the trust bundle
+    EXPIRED = "expired"  # a certificate of the chain is past its notAfter
+    NOT_YET_VALID = "not yet valid"  # a certificate of the chain is before its notBefore
+    NO_SPIFFE_ID = "no spiffe id"  # the leaf carries no spiffe:// URI SAN
+
+
+class CertificateError(MeshProxyError):
+    """A certificate, key or trust bundle was rejected; ``check`` says which check failed.
+
+    Not a request-level error: it stops ``meshproxy ca``, a proxy start, or one rotation (the
+    caller keeps the pair it had).
+    """
+
+    def __init__(self, check: CertCheck, message: str) -> None:
+        super().__init__(f"{check.value}: {message}")
+        self.check = check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +209,15 @@ class NotImplementedEncoding(BadRequest):
 
     status_hint = 501
     body = b"Not Implemented"
+
+
+class AccessDenied(ProxyError):
+    """An AuthorizationPolicy denied the request (Envoy's RBAC filter: 403, no response flag;
+    the deciding policy is in the response code details, ``rbac_access_denied_matched_policy``)."""
+
+    status_hint = 403
+    flag = ""
+    body = b"RBAC: access denied"
 
 
 class UpgradeForbidden(ProxyError):

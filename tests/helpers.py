@@ -382,8 +382,9 @@ class RawClient:
 
 
 class ProxyProcess:
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, *args: str) -> None:
         self.config_path = config_path
+        self.args = args  # more `meshproxy run` options
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
 
@@ -398,6 +399,7 @@ class ProxyProcess:
                 "run",
                 "-c",
                 self.config_path,
+                *self.args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -416,6 +418,36 @@ class ProxyProcess:
             name, addr = part.split("=", 1)
             self.ports[name] = int(addr.rsplit(":", 1)[1])
         return self
+
+    async def line(self, prefix: str, timeout: float = 10.0) -> str:
+        """The next stdout line starting with ``prefix`` (e.g. ``meshproxy reloaded:``); other
+        lines are skipped. Raises TimeoutError, or EOFError when the process closed stdout."""
+        assert self.proc is not None and self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await loop.run_in_executor(None, self.proc.stdout.readline)
+                if not raw:
+                    raise EOFError(f"meshproxy closed stdout before a line {prefix!r}")
+                text = raw.decode().strip()
+                if text.startswith(prefix):
+                    return text
+
+    def parse_ports(self, line: str) -> dict[str, tuple[str, int]]:
+        """``name=host:port`` pairs of a ready or reloaded line."""
+        out: dict[str, tuple[str, int]] = {}
+        for part in line.split():
+            name, sep, addr = part.partition("=")
+            if sep and ":" in addr and name != "version":
+                host, _, port = addr.rpartition(":")
+                out[name] = (host, int(port))
+        return out
+
+    def stderr_text(self) -> str:
+        """Everything the process wrote on stderr (once it has exited)."""
+        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc.poll() is not None, "read stderr after the process exits"
+        return self.proc.stderr.read().decode()
 
     @property
     def pid(self) -> int:

@@ -17,21 +17,26 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 
+from meshproxy.config import security
 from meshproxy.config.model import (
     AuthorizationPolicy,
+    ClientTLSSettings,
     Destination,
     DestinationRule,
     Http1Codec,
     HTTPRoute,
     MeshConfig,
     MeshProxy,
+    MtlsMode,
     PeerAuthentication,
     Resource,
     RouteDestination,
     ServiceEntry,
     StringMatch,
     Telemetry,
+    TLSMode,
     VirtualService,
+    WorkloadSelector,
     yaml_key,
 )
 from meshproxy.errors import ConfigIssue
@@ -180,6 +185,7 @@ def assemble(
     for ap in authz:
         _check_authorization_policy(chk, ap)
     _check_bootstrap(chk, bootstraps[0])
+    _check_certificates_needed(chk, bootstraps[0], peer_auths, rules)
     if chk.failed:
         return None
 
@@ -202,11 +208,15 @@ def assemble(
 
 
 def _check_peer_authentication(chk: _Checker, pa: PeerAuthentication) -> None:
-    """Semantic checks of a PeerAuthentication (the security helper fills these in)."""
+    """Semantic checks of a PeerAuthentication (rules in ``config/security.py``)."""
+    for path, message in security.peer_authentication_problems(pa):
+        chk.error(pa, path, message)
 
 
 def _check_authorization_policy(chk: _Checker, ap: AuthorizationPolicy) -> None:
-    """Semantic checks of an AuthorizationPolicy (the security helper fills these in)."""
+    """Semantic checks of an AuthorizationPolicy (rules in ``config/security.py``)."""
+    for path, message in security.authorization_policy_problems(ap):
+        chk.error(ap, path, message)
 
 
 def _check_bootstrap(chk: _Checker, mp: MeshProxy) -> None:
@@ -243,6 +253,102 @@ def _check_bootstrap(chk: _Checker, mp: MeshProxy) -> None:
         if key in bound:
             chk.error(mp, path, f"address {key} is already used by {bound[key]}")
         bound[key] = path
+    _check_workload_tls(chk, mp)
+
+
+def _check_workload_tls(chk: _Checker, mp: MeshProxy) -> None:
+    tls = mp.spec.tls
+    if tls is None:
+        return
+    files = {"certChain": tls.cert_chain, "privateKey": tls.private_key, "rootCert": tls.root_cert}
+    if tls.ca:
+        for key, value in files.items():
+            if value:
+                chk.error(mp, f"spec.tls.{key}", "set either ca (self-issued) or the three files")
+    else:
+        for key, value in files.items():
+            if not value:
+                chk.error(mp, f"spec.tls.{key}", "required (or set spec.tls.ca for a dev CA)")
+    if tls.ttl < 60:
+        chk.error(mp, "spec.tls.ttl", "must be at least 1m")
+    if tls.handshake_timeout <= 0:
+        chk.error(mp, "spec.tls.handshakeTimeout", "must be positive")
+
+
+def _check_client_tls(
+    chk: _Checker, dr: DestinationRule, path: str, tls: ClientTLSSettings
+) -> None:
+    """DestinationRule ``tls`` (istio/api ClientTLSSettings; Istio's validation rules)."""
+    if tls.credential_name:
+        chk.error(
+            dr,
+            f"{path}.credentialName",
+            "Kubernetes secrets are not read by meshproxy: give clientCertificate, privateKey "
+            "and caCertificates file paths",
+        )
+    if tls.mode is TLSMode.ISTIO_MUTUAL:
+        for name in ("client_certificate", "private_key", "ca_certificates"):
+            if getattr(tls, name):
+                chk.error(
+                    dr, f"{path}.{yaml_key(name)}", "must be empty with ISTIO_MUTUAL (the mesh's)"
+                )
+    elif tls.mode is TLSMode.MUTUAL and not tls.credential_name:
+        for name in ("client_certificate", "private_key"):
+            if not getattr(tls, name):
+                chk.error(dr, f"{path}.{yaml_key(name)}", "required with MUTUAL")
+    elif tls.mode is TLSMode.DISABLE or tls.mode is TLSMode.SIMPLE:
+        for name in ("client_certificate", "private_key"):
+            if getattr(tls, name):
+                chk.error(dr, f"{path}.{yaml_key(name)}", f"not used with {tls.mode.value}")
+
+
+def _applies_to(selector: WorkloadSelector | None, ns: str, mp: MeshProxy) -> bool:
+    if ns not in (mp.metadata.namespace or DEFAULT_NAMESPACE, ROOT_NAMESPACE):
+        return False
+    labels = selector.match_labels if selector is not None else {}
+    return all(mp.metadata.labels.get(k) == v for k, v in labels.items())
+
+
+def _check_certificates_needed(
+    chk: _Checker,
+    mp: MeshProxy,
+    peer_auths: Sequence[PeerAuthentication],
+    rules: Sequence[DestinationRule],
+) -> None:
+    """mTLS without a certificate cannot work: say so at load, at the field that asks for it."""
+    if mp.spec.tls is not None:
+        return
+    need = "needs this workload's certificate: set spec.tls in the MeshProxy bootstrap"
+    if mp.spec.inbound is not None:
+        for pa in peer_auths:
+            if not _applies_to(pa.spec.selector, chk.ns(pa), mp):
+                continue
+            if pa.spec.mtls is not None and pa.spec.mtls.mode is MtlsMode.STRICT:
+                chk.error(pa, "spec.mtls.mode", f"STRICT {need}")
+            for port, mtls in pa.spec.port_level_mtls.items():
+                if mtls.mode is MtlsMode.STRICT:
+                    chk.error(pa, f"spec.portLevelMtls.{port}.mode", f"STRICT {need}")
+    for dr in rules:
+        for path, tls in _client_tls_settings(dr):
+            if tls.mode is TLSMode.ISTIO_MUTUAL:
+                chk.error(dr, f"{path}.mode", f"ISTIO_MUTUAL {need}")
+
+
+def _client_tls_settings(dr: DestinationRule) -> list[tuple[str, ClientTLSSettings]]:
+    out: list[tuple[str, ClientTLSSettings]] = []
+    policies = [("spec.trafficPolicy", dr.spec.traffic_policy)] + [
+        (f"spec.subsets[{i}].trafficPolicy", s.traffic_policy)
+        for i, s in enumerate(dr.spec.subsets)
+    ]
+    for path, tp in policies:
+        if tp is None:
+            continue
+        if tp.tls is not None:
+            out.append((f"{path}.tls", tp.tls))
+        for j, pls in enumerate(tp.port_level_settings):
+            if pls.tls is not None:
+                out.append((f"{path}.portLevelSettings[{j}].tls", pls.tls))
+    return out
 
 
 def _check_service_entry(chk: _Checker, se: ServiceEntry, hosts: dict[str, ServiceEntry]) -> None:
@@ -281,6 +387,13 @@ def _check_service_entry(chk: _Checker, se: ServiceEntry, hosts: dict[str, Servi
             chk.error(se, f"{path}.targetPort", f"invalid port {port.target_port}")
     if not spec.ports:
         chk.error(se, "spec.ports", "at least one port is required")
+    for i, address in enumerate(spec.addresses):
+        # Istio's ValidateIPSubnet: each address is an IP or a CIDR (captured connections are
+        # routed by them, core/routing.py HostTable.by_address).
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            chk.error(se, f"spec.addresses[{i}]", f"{address!r} is not an IP address or CIDR")
     wildcard = any(h.startswith("*") for h in spec.hosts)
     # STATIC with no endpoints is valid in Istio (endpoints may arrive later): 503 UH until then.
     if spec.resolution.value == "NONE" and spec.endpoints:
@@ -335,6 +448,8 @@ def _check_destination_rule(
         (f"spec.subsets[{i}].trafficPolicy", s.traffic_policy)
         for i, s in enumerate(dr.spec.subsets)
     ]
+    for path, tls in _client_tls_settings(dr):
+        _check_client_tls(chk, dr, path, tls)
     for path, tp in policies:
         if tp is None:
             continue

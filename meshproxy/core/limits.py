@@ -24,6 +24,7 @@ refusal takes no slot and needs no release.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from meshproxy.config.model import TrafficPolicy
@@ -105,6 +106,30 @@ class LimitSettings:
             max_retries=max_retries,
             retry_budget_percent=budget_percent,
             min_retry_concurrency=min_concurrency,
+        )
+
+    def shared_by(self, workers: int) -> LimitSettings:
+        """Each worker's part of the thresholds when ``workers`` processes serve one cluster.
+
+        Envoy's circuit breakers are per cluster, shared by its worker threads; meshproxy's
+        workers are processes that share nothing, so each enforces ``ceil(limit / workers)``:
+        the cluster as a whole admits about what the DestinationRule says (up to
+        ``workers - 1`` more). An unlimited threshold stays unlimited; the retry budget is a
+        ratio and needs no dividing.
+        """
+        if workers <= 1:
+            return self
+
+        def part(limit: int) -> int:
+            return limit if limit >= UNLIMITED else max(1, -(-limit // workers))
+
+        return dataclasses.replace(
+            self,
+            max_connections=part(self.max_connections),
+            max_pending_requests=part(self.max_pending_requests),
+            max_requests=part(self.max_requests),
+            max_retries=part(self.max_retries),
+            min_retry_concurrency=part(self.min_retry_concurrency),
         )
 
 

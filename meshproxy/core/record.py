@@ -31,6 +31,7 @@ class RequestRecord:
         "method",
         "original_dst",
         "path",
+        "peer_cert_hash",
         "request_id",
         "response_code",
         "route_name",
@@ -76,6 +77,7 @@ class RequestRecord:
         # iptables REDIRECT (``SO_ORIGINAL_DST``, "host:port"; "" when not redirected).
         self.source_principal = ""
         self.tls = False
+        self.peer_cert_hash = ""  # hex SHA-256 of the peer certificate (XFCC ``Hash``)
         self.original_dst = ""
 
     def add_flag(self, flag: str) -> None:

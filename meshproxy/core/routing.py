@@ -5,6 +5,9 @@ Owns the runtime view of the service registry: every ServiceEntry host and port 
 endpoints and connection settings, and the ``HostTable`` answers "which cluster serves this Host
 header?" the way a sidecar's virtual hosts do (reference §1.7): short name, ``name.namespace``,
 ``name.namespace.svc`` and the FQDN, each with or without the port; exact names beat wildcards.
+For a transparently captured connection whose Host names no registered host, ``by_address`` finds
+the ServiceEntry whose ``addresses`` (IPs or CIDRs) hold the connection's original destination and
+which declares its port (Envoy picks the listener by that address and port).
 VirtualService routing on top of this is a later layer.
 
 Rules: pure; built once per config and immutable; lookups are dict hits on the hot path.
@@ -13,6 +16,7 @@ Rules: pure; built once per config and immutable; lookups are dict hits on the h
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -29,6 +33,7 @@ from meshproxy.config.model import (
     TrafficPolicy,
     TrafficPolicyMode,
 )
+from meshproxy.core.identity import spiffe_uri
 
 # Istio/Envoy defaults (reference §1.3 connectionPool table; §1.6).
 DEFAULT_CONNECT_TIMEOUT = 10.0  # mesh connectTimeout
@@ -91,6 +96,9 @@ class Cluster:
     max_requests_per_connection: int = 0  # 0 = unlimited
     lb: LbPolicy = DEFAULT_LB
     policy: TrafficPolicy | None = None  # the effective DestinationRule policy, for later layers
+    # Who the endpoints are expected to be over mTLS: the ServiceEntry's subjectAltNames, else
+    # the SPIFFE IDs of its endpoints' service accounts (core/origination.py).
+    identities: tuple[str, ...] = ()
 
 
 class Miss(enum.Enum):
@@ -258,33 +266,73 @@ class Service:
 class HostTable:
     """Maps a request's authority to a cluster, as a sidecar's outbound virtual hosts do."""
 
-    __slots__ = ("_cache", "_exact", "_mode", "_namespace", "_wildcards", "clusters", "services")
+    __slots__ = (
+        "_by_ip",
+        "_cache",
+        "_dst_cache",
+        "_exact",
+        "_mode",
+        "_namespace",
+        "_networks",
+        "_trust_domain",
+        "_wildcards",
+        "clusters",
+        "services",
+    )
 
     def __init__(self, config: MeshConfig) -> None:
         self._namespace = config.bootstrap.metadata.namespace
+        self._trust_domain = config.bootstrap.spec.trust_domain
         self._mode = config.bootstrap.spec.outbound_traffic_policy
         rules = {fqdn(r.spec.host, r.metadata.namespace): r for r in config.destination_rules}
         self._exact: dict[str, Service] = {}
         self._wildcards: list[tuple[str, Service]] = []
         self.clusters: dict[str, Cluster] = {}
         self.services: dict[str, Service] = {}
+        # ServiceEntry ``addresses`` (VIPs and CIDRs) -> its service, for captured connections
+        # whose Host names no registered host: single addresses in a dict, ranges longest first.
+        self._by_ip: dict[str, Service] = {}
+        self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service]] = []
         for se in config.service_entries:
+            first: Service | None = None
             for host in se.spec.hosts:
                 name = fqdn(host, se.metadata.namespace)
                 service = self._build_service(se, name, rules.get(name))
                 self.services[name] = service
+                first = first or service
                 if name.startswith("*"):
                     self._wildcards.append((name[1:], service))
                     continue
                 for alias in host_aliases(name, self._namespace):
                     self._exact.setdefault(alias, service)
+            if first is not None:
+                self._index_addresses(se.spec.addresses, first)
         # The longest wildcard suffix is the most specific (Envoy virtual host domain matching).
         self._wildcards.sort(key=lambda item: len(item[0]), reverse=True)
+        self._networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
         self._cache: dict[str, Target | Miss] = {}
+        self._dst_cache: dict[str, Target | None] = {}
+
+    def _index_addresses(self, addresses: tuple[str, ...], service: Service) -> None:
+        # A ServiceEntry with several hosts shares its addresses; its first host answers for them
+        # (the first definition wins, as for host names).
+        for text in addresses:
+            net = ipaddress.ip_network(text, strict=False)  # validated at load (config/istio.py)
+            if net.prefixlen == net.max_prefixlen:
+                self._by_ip.setdefault(str(net.network_address), service)
+            else:
+                self._networks.append((net, service))
 
     def _build_service(self, se: ServiceEntry, name: str, rule: DestinationRule | None) -> Service:
         clusters: dict[int, Cluster] = {}
         subsets: dict[tuple[int, str], Cluster] = {}
+        identities = se.spec.subject_alt_names or tuple(
+            dict.fromkeys(
+                spiffe_uri(self._trust_domain, se.metadata.namespace, ep.service_account)
+                for ep in se.spec.endpoints
+                if ep.service_account
+            )
+        )
         for port in se.spec.ports:
             endpoints: tuple[Endpoint, ...]
             if se.spec.resolution is Resolution.NONE or name.startswith("*"):
@@ -324,6 +372,7 @@ class HostTable:
                     max_requests_per_connection=per_conn,
                     lb=lb,
                     policy=policy,
+                    identities=identities,
                 )
                 if subset:
                     subsets[(port.number, subset)] = cluster
@@ -346,6 +395,45 @@ class HostTable:
                 if name.endswith(suffix):
                     return candidate
         return found
+
+    def knows(self, host: str) -> bool:
+        """Whether a host name (lower-case, no port) is a registered host or under a wildcard."""
+        if host in self._exact:
+            return True
+        return any(host.endswith(suffix) for suffix, _ in self._wildcards)
+
+    def by_address(self, original_dst: str) -> Target | None:
+        """The service whose ServiceEntry ``addresses`` hold a captured connection's original
+        destination (``ip:port``, IPv6 in brackets) and which declares that port, else None."""
+        cache = self._dst_cache
+        if original_dst in cache:
+            return cache[original_dst]
+        result = self._by_address(original_dst)
+        if len(cache) >= _LOOKUP_CACHE_MAX:
+            cache.clear()
+        cache[original_dst] = result
+        return result
+
+    def _by_address(self, original_dst: str) -> Target | None:
+        host, port = split_authority(original_dst, None)
+        if port is None or (not self._by_ip and not self._networks):
+            return None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        service = self._by_ip.get(str(ip))
+        cluster = service.clusters.get(port) if service is not None else None
+        if cluster is None:
+            # Ranges, most specific first; the first one whose service has the port.
+            for net, candidate in self._networks:
+                if ip.version == net.version and ip in net:
+                    cluster = candidate.clusters.get(port)
+                    if cluster is not None:
+                        break
+        if cluster is None:
+            return None
+        return Target(cluster=cluster, host=cluster.service, port=port)
 
     def resolve(self, authority: str) -> Target | Miss:
         """Resolve a Host header value (any case, with or without a port)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from urllib.parse import parse_qs
@@ -58,7 +58,14 @@ class WithRequest:
     handler: Callable[[AdminRequest], AdminResponse]
 
 
-AdminRoute = Callable[[], AdminResponse] | WithRequest
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """An admin route that must wait for something (the supervisor asking its workers)."""
+
+    handler: Callable[[AdminRequest], Awaitable[AdminResponse]]
+
+
+AdminRoute = Callable[[], AdminResponse] | WithRequest | Deferred
 
 
 class AdminServer:
@@ -79,9 +86,18 @@ class AdminServer:
             self.server.close()
             await self.server.wait_closed()
 
-    def _dispatch(self, method: str, target: str) -> AdminResponse:
+    async def _dispatch(self, method: str, target: str) -> AdminResponse:
         path, _, query = target.partition("?")
         route = self.routes.get((method, path))
+        if isinstance(route, Deferred):
+            parsed = parse_qs(query, keep_blank_values=True)
+            return await route.handler(
+                AdminRequest(
+                    method=method,
+                    path=path,
+                    query=MappingProxyType({k: tuple(v) for k, v in parsed.items()}),
+                )
+            )
         if isinstance(route, WithRequest):
             parsed = parse_qs(query, keep_blank_values=True)
             request = AdminRequest(
@@ -114,7 +130,7 @@ class AdminServer:
                     break
             if request is None:
                 return
-            response = self._dispatch(request.method.decode(), request.target.decode())
+            response = await self._dispatch(request.method.decode(), request.target.decode())
             headers: list[tuple[bytes, bytes]] = [
                 (b"content-type", response.content_type),
                 (b"content-length", b"%d" % len(response.body)),

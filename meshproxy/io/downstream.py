@@ -45,9 +45,11 @@ from meshproxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from meshproxy.io.capture import original_destination
 from meshproxy.io.handler import Forward, Handler
 from meshproxy.io.mirror import MIRROR_BODY_MAX, shadow
 from meshproxy.io.pool import HIGH_WATER, LOW_WATER, EndpointPool, UpstreamConnection
+from meshproxy.io.tls import PeerIdentity, peer_identity
 
 if TYPE_CHECKING:
     from meshproxy.io.listener import Listener
@@ -113,8 +115,10 @@ class DownstreamConnection(asyncio.Protocol):
         "codec",
         "forward",
         "handler",
+        "identity",
         "listener",
         "loop",
+        "original_dst",
         "peer",
         "phase",
         "pool",
@@ -124,6 +128,7 @@ class DownstreamConnection(asyncio.Protocol):
         "request_done",
         "response_started",
         "since",
+        "tls",
         "transport",
         "up_out",
         "upstream",
@@ -137,6 +142,11 @@ class DownstreamConnection(asyncio.Protocol):
         self.codec: ServerCodec = listener.server_codec()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
+        # The TLS peer's proof of identity (None: plaintext, or no certificate).
+        self.identity: PeerIdentity | None = None
+        self.tls = False
+        # Where the app connected before an iptables REDIRECT ("ip:port"; "" if not redirected).
+        self.original_dst = ""
         self.phase = Phase.IDLE
         self.since = self.loop.time()
         self._pause = 0
@@ -182,7 +192,24 @@ class DownstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.listener.original_dst:
+                # One getsockopt per connection (the outbound listener only), as Envoy's
+                # original_dst listener filter: where the app connected before a REDIRECT.
+                self.original_dst = original_destination(sock)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = True
+            self.identity = identity = peer_identity(ssl_object)
+            # mTLS means a SPIFFE identity: a certificate that chains to the bundle but names
+            # no workload cannot be authorized or reported, so it is refused (issue #5 §4).
+            if identity is None or not identity.uri:
+                self.phase = Phase.CLOSED
+                self.listener.refuse(
+                    "no_spiffe_id", self.peer, "client certificate has no SPIFFE URI SAN"
+                )
+                transport.abort()
+                return
         self.listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -279,9 +306,19 @@ class DownstreamConnection(asyncio.Protocol):
     def _on_head(self, head: RequestHead) -> None:
         self.phase = Phase.ACTIVE
         now = self.loop.time()
-        record = self.record = RequestRecord(self.handler.direction, now, self.peer)
+        # The listener's handler as of this request: a config reload swaps it, and new requests
+        # on kept-alive connections take the new one while this one finishes on its own.
+        handler = self.handler = self.listener.handler
+        record = self.record = RequestRecord(handler.direction, now, self.peer)
+        if self.tls:
+            record.tls = True
+            identity = self.identity
+            if identity is not None:
+                record.source_principal = identity.uri
+                record.peer_cert_hash = identity.cert_hash
+        record.original_dst = self.original_dst
         try:
-            forward = self.handler.on_request(head, record)
+            forward = handler.on_request(head, record)
         except ProxyError as exc:
             self.bodyless = not any(
                 n in (b"content-length", b"transfer-encoding") for n, _ in head.headers
@@ -712,6 +749,7 @@ class DownstreamConnection(asyncio.Protocol):
             record = self.record = RequestRecord(
                 self.handler.direction, self.loop.time(), self.peer
             )
+            record.original_dst = self.original_dst
         record.add_flag(error.flag)
         record.response_code = error.status_hint
         close = error.close or self.listener.draining or not (self.request_done or self.bodyless)

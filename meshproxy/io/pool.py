@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import socket
+import ssl
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -33,15 +34,19 @@ from meshproxy.core.http1 import (
     Signal,
 )
 from meshproxy.core.limits import ClusterLimits, LimitSettings
+from meshproxy.core.origination import Origination, origination
 from meshproxy.core.outlier import OutlierDetector, outlier_settings
 from meshproxy.core.routing import Cluster, Endpoint
 from meshproxy.errors import (
+    CertCheck,
+    CertificateError,
     ConnectFailure,
     ProxyError,
     UpstreamOverflow,
     UpstreamProtocolError,
     UpstreamReset,
 )
+from meshproxy.io.tls import ClientContexts, check_server_identity, verify_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +247,7 @@ class ClusterState:
         "_next_tick",
         "client_codec",
         "cluster",
+        "contexts",
         "keepalive",
         "limits",
         "max_duration",
@@ -257,11 +263,16 @@ class ClusterState:
         cluster: Cluster,
         endpoints: Sequence[Endpoint],
         tasks: set[asyncio.Task[None]],
+        contexts: ClientContexts | None = None,
+        workers: int = 1,
+        *,
         client_codec: Callable[[], ClientCodec] = H11ClientCodec,
     ) -> None:
         self.client_codec = client_codec  # spec.http1Codec (core/codecs.py)
         self.cluster = cluster
-        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy))
+        self.contexts = contexts  # outbound TLS contexts (None: this proxy originates no TLS)
+        # With several worker processes each holds its share of the cluster's limits.
+        self.limits = ClusterLimits(LimitSettings.from_policy(cluster.policy).shared_by(workers))
         od = cluster.policy.outlier_detection if cluster.policy is not None else None
         # Istio configures outlier detection only when the DestinationRule has the block.
         self.outlier = (
@@ -317,6 +328,17 @@ class ClusterState:
             self._next_tick = now + outlier.settings.interval
             outlier.tick(now)
 
+    def close_idle(self) -> bool:
+        """Close the idle connections of a retired state; True once nothing is left in use
+        (no connection, no queued request), so the caller can forget it."""
+        done = True
+        for pool in self.pools:
+            while pool.idle:
+                pool.idle.popleft().close()
+            if pool.connections or pool.waiters or pool.active_requests:
+                done = False
+        return done
+
     def snapshot(self, now: float) -> dict[str, object]:
         endpoints = []
         for pool in self.pools:
@@ -358,6 +380,7 @@ class EndpointPool:
         "host",
         "idle",
         "index",
+        "origination",
         "port",
         "state",
         "total_connections",
@@ -388,6 +411,7 @@ class EndpointPool:
         self.total_requests = 0
         self.total_connections = 0
         self.connect_failures = 0
+        self.origination = _origination_for(state, endpoint)
 
     # -- requests -------------------------------------------------------------------------------
     def begin_request(self) -> bool:
@@ -538,8 +562,12 @@ class EndpointPool:
             raise
 
     async def _open(self) -> UpstreamConnection:
-        """Open a connection (its slot already granted), bounded by the connect timeout."""
+        """Open a connection (its slot already granted), bounded by the connect timeout, which
+        covers the TLS handshake when the endpoint is reached over TLS."""
         loop = asyncio.get_running_loop()
+        tls = self.origination
+        if tls is not None:
+            return await self._open_tls(tls)
         try:
             async with asyncio.timeout(self.cluster.connect_timeout):
                 _, protocol = await loop.create_connection(
@@ -551,6 +579,51 @@ class EndpointPool:
         except OSError as exc:
             self.connect_failures += 1
             raise ConnectFailure(f"connect to {self.endpoint.key}: {exc}") from exc
+        self.connections.add(protocol)
+        self.total_connections += 1
+        return protocol
+
+    async def _open_tls(self, tls: Origination) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        key = self.endpoint.key
+        contexts = self.state.contexts
+        try:
+            if contexts is None:
+                raise CertificateError(CertCheck.PEM, "this proxy has no TLS contexts")
+            ctx = contexts.context(tls)
+        except CertificateError as exc:
+            self.connect_failures += 1
+            log.warning("TLS to %s (%s): %s", key, tls.mode.value, exc)
+            raise ConnectFailure(f"TLS to {key}: {exc}") from exc
+        timeout = self.cluster.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=ctx,
+                    server_hostname=tls.server_name or None,
+                    ssl_handshake_timeout=timeout,
+                )
+        except TimeoutError as exc:
+            self.connect_failures += 1
+            raise ConnectFailure(f"connect to {key} timed out") from exc
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.connect_failures += 1
+            reason = verify_failure_reason(exc)
+            log.warning("TLS handshake with %s failed: %s", key, reason)
+            raise ConnectFailure(f"TLS handshake with {key}: {reason}") from exc
+        except OSError as exc:
+            self.connect_failures += 1
+            raise ConnectFailure(f"connect to {key}: {exc}") from exc
+        ssl_object = transport.get_extra_info("ssl_object")
+        mismatch = check_server_identity(tls, ssl_object) if ssl_object is not None else ""
+        if mismatch:
+            transport.abort()
+            self.connect_failures += 1
+            log.warning("TLS to %s refused: %s", key, mismatch)
+            raise ConnectFailure(mismatch)
         self.connections.add(protocol)
         self.total_connections += 1
         return protocol
@@ -589,19 +662,54 @@ class EndpointPool:
         }
 
 
+def _origination_for(state: ClusterState, endpoint: Endpoint) -> Origination | None:
+    """The TLS (if any) to originate to an endpoint: the DestinationRule's, else auto mTLS for
+    a sidecar endpoint, which needs this workload's certificate (plaintext without one)."""
+    cluster = state.cluster
+    policy = cluster.policy
+    found = origination(
+        policy.tls if policy is not None else None,
+        host=cluster.service,
+        port=cluster.port,
+        subset=cluster.subset,
+        endpoint_labels=dict(endpoint.labels),
+        service_sans=cluster.identities,
+    )
+    if found is not None and found.auto:
+        contexts = state.contexts
+        if contexts is None or not contexts.has_workload_certificate:
+            return None
+    return found
+
+
 class PoolManager:
     """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough", "client_codec", "tasks")
+    __slots__ = ("_by_cluster", "_passthrough", "client_codec", "contexts", "tasks", "workers")
 
     def __init__(
-        self, clusters: Iterable[Cluster], client_codec: Callable[[], ClientCodec] = H11ClientCodec
+        self,
+        clusters: Iterable[Cluster],
+        contexts: ClientContexts | None = None,
+        workers: int = 1,
+        *,
+        carried: Iterable[ClusterState] = (),
+        tasks: set[asyncio.Task[None]] | None = None,
+        client_codec: Callable[[], ClientCodec] = H11ClientCodec,
     ) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.client_codec = client_codec
-        self._by_cluster: dict[str, ClusterState] = {
-            c.name: ClusterState(c, c.endpoints, self.tasks, client_codec) for c in clusters
-        }
+        self.client_codec = client_codec  # spec.http1Codec (core/codecs.py)
+        self.tasks: set[asyncio.Task[None]] = set() if tasks is None else tasks
+        self.contexts = contexts
+        self.workers = workers
+        kept = {s.cluster.name: s for s in carried}
+        self._by_cluster: dict[str, ClusterState] = {}
+        for c in clusters:
+            state = kept.get(c.name)
+            if state is None or state.cluster != c:
+                state = ClusterState(
+                    c, c.endpoints, self.tasks, contexts, workers, client_codec=client_codec
+                )
+            self._by_cluster[c.name] = state
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
         )
@@ -609,7 +717,14 @@ class PoolManager:
     def state(self, cluster: Cluster) -> ClusterState:
         found = self._by_cluster.get(cluster.name)
         if found is None:
-            found = ClusterState(cluster, cluster.endpoints, self.tasks, self.client_codec)
+            found = ClusterState(
+                cluster,
+                cluster.endpoints,
+                self.tasks,
+                self.contexts,
+                self.workers,
+                client_codec=self.client_codec,
+            )
             self._by_cluster[cluster.name] = found
         return found
 
@@ -623,7 +738,7 @@ class PoolManager:
             self._passthrough.move_to_end(key)
             return state.pools[0]
         endpoint = Endpoint(address=host, port=port)
-        state = ClusterState(cluster, (endpoint,), self.tasks, self.client_codec)
+        state = ClusterState(cluster, (endpoint,), self.tasks, client_codec=self.client_codec)
         self._passthrough[key] = state
         while len(self._passthrough) > _PASSTHROUGH_POOLS_MAX:
             _, old = self._passthrough.popitem(last=False)
@@ -633,6 +748,29 @@ class PoolManager:
 
     def states(self) -> list[ClusterState]:
         return [*self._by_cluster.values(), *self._passthrough.values()]
+
+    def successor(self, clusters: Iterable[Cluster]) -> tuple[PoolManager, list[ClusterState]]:
+        """The pools for a reloaded config, and the states it no longer uses.
+
+        A cluster whose definition is unchanged keeps its state (connections, limits, outlier
+        ejections, counters), so a reload that touches routes leaves upstream connections
+        alone (reference §6 #11). The others get fresh states; the retired ones are for the
+        caller to close once idle (``ClusterState.close_idle``), never cutting a request in
+        flight. Passthrough destinations are re-created on demand. Nothing here changes
+        ``self``: a reload that fails later simply drops the successor.
+        """
+        # One owner for every connect task, the old pools' and the new ones'.
+        nxt = PoolManager(
+            clusters,
+            self.contexts,
+            self.workers,
+            carried=self._by_cluster.values(),
+            tasks=self.tasks,
+            client_codec=self.client_codec,
+        )
+        used = {id(s) for s in nxt._by_cluster.values()}
+        retired = [s for s in self.states() if id(s) not in used]
+        return nxt, retired
 
     def all_pools(self) -> list[tuple[str, EndpointPool]]:
         return [(s.cluster.name, p) for s in self.states() for p in s.pools]

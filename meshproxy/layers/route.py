@@ -130,14 +130,19 @@ class Router:
             headers=_headers_map(head),
         )
 
-    def route(self, head: RequestHead, authority: str, record: RequestRecord) -> Decision:
+    def route(
+        self, head: RequestHead, authority: str, record: RequestRecord, by: str = ""
+    ) -> Decision:
+        """``by``: the ``host:port`` to route by instead of the Host header (a captured
+        connection's ServiceEntry, found by its original destination); matches still read the
+        request's own authority."""
         if not authority:
             raise NoRoute("request without a host")
-        host, port = split_authority(authority, None)
+        host, port = split_authority(by or authority, None)
         table = self._table
         vs = table.lookup(host) if table is not None and table.virtual_services else None
         if vs is None:
-            return self._default(head, authority, record)
+            return self._default(head, by or authority, record)
         if port is None:
             service = self._hosts.service(vs.hosts[0]) if vs.hosts else None
             port = service.default.port if service is not None else 80

@@ -17,7 +17,7 @@ from meshproxy.core.http1 import RequestHead, ResponseHead
 from meshproxy.core.record import Direction, RequestRecord
 from meshproxy.core.retry import RetryState, with_headers
 from meshproxy.core.routetable import RouteTable
-from meshproxy.core.routing import ClusterKind, HostTable, Target
+from meshproxy.core.routing import ClusterKind, HostTable, Target, split_authority
 from meshproxy.io.handler import Forward
 from meshproxy.io.pool import EndpointPool, PoolManager
 from meshproxy.layers.balance import NO_KEY, EndpointPicker, HashKey, balance_layer
@@ -28,7 +28,7 @@ from meshproxy.telemetry.sinks import RecordSink
 
 
 class OutboundStack:
-    __slots__ = ("_balance", "_clock", "_pools", "_rng", "_sinks", "_tracing", "router")
+    __slots__ = ("_balance", "_clock", "_hosts", "_pools", "_rng", "_sinks", "_tracing", "router")
 
     def __init__(
         self,
@@ -41,6 +41,7 @@ class OutboundStack:
         tracing: TracingStep | None = None,
     ) -> None:
         self._pools = pools
+        self._hosts = hosts
         self._tracing = tracing
         self._rng = rng
         self._clock = clock
@@ -67,8 +68,20 @@ class OutboundStack:
         # 2. Route: the VirtualService rule (or the host's own cluster) picks the destination and
         #    rewrites the head; redirects, direct responses, CORS preflights and fault aborts end
         #    the request here, before any upstream work.
-        decision = self.router.route(head, plan.authority, record)
+        #    A transparently captured connection (iptables REDIRECT) whose Host names no
+        #    registered host is routed by its original destination: the ServiceEntry whose
+        #    addresses and port it is (as Envoy picks the listener by address and port).
+        service = ""
+        original_dst = record.original_dst
+        if original_dst:
+            service = self._captured_service(plan.authority, original_dst)
+        decision = self.router.route(head, plan.authority, record, service)
         target = decision.target
+        if original_dst and target.cluster.kind is ClusterKind.ORIGINAL_DST:
+            # Istio's PassthroughCluster (and a resolution-NONE service) is an ORIGINAL_DST
+            # cluster: it connects to where the app connected, not to what its Host header says.
+            ip, _, port = original_dst.rpartition(":")
+            target = Target(cluster=target.cluster, host=ip.strip("[]"), port=int(port))
         record.cluster = target.cluster.name
         if trace is not None:  # spans are named as Istio names the route (sampled only)
             view = None
@@ -113,6 +126,16 @@ class OutboundStack:
             retry=retry,
             head_for_try=trace.head_for_try if trace is not None else None,
         )
+
+    def _captured_service(self, authority: str, original_dst: str) -> str:
+        """``host:port`` of the ServiceEntry a captured connection's original destination belongs
+        to, when the Host header itself names no registered host or VirtualService; else ""."""
+        host, _ = split_authority(authority, None)
+        table = self.router.table
+        if self._hosts.knows(host) or (table is not None and table.lookup(host) is not None):
+            return ""
+        found = self._hosts.by_address(original_dst)
+        return f"{found.host}:{found.port}" if found is not None else ""
 
     def _hash_key(self, target: Target, head: RequestHead, record: RequestRecord) -> HashKey:
         if target.cluster.lb.hash is None:

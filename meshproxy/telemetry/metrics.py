@@ -12,15 +12,17 @@ Owns the proxy's ``CollectorRegistry`` (never prometheus_client's global one) an
 - Proxy internals in Envoy's spirit (``meshproxy_cluster_*``, ``meshproxy_listener_*``), read at
   scrape time from snapshot callables the composition root passes in, so this module never touches
   pools or listeners (``telemetry`` never imports ``io``, ``layers`` or ``stacks``).
-- Config reload counters and a certificate expiry gauge, registered now for the later issues that
-  feed them (reload, mTLS).
+- Config reload counters (fed by ``App.reload``) and a certificate expiry gauge (the workload
+  certificate and each root of its trust bundle).
 
 Rules: label values are bounded. Every value comes from the config (workload, cluster, service,
 endpoint labels), from a fixed set (reporter, flags, policy) or is the response code; raw paths
 and hosts never become labels. The label values for each (cluster, endpoint) pair are computed once,
 at config load; per-label-set children are bound once and cached, so a request costs two dict
-lookups, one counter increment and three histogram observations. Peer identity is ``unknown``
-until mTLS and Istio's peer metadata exchange exist.
+lookups, one counter increment and three histogram observations. On the inbound side a request
+that came over mTLS is reported ``mutual_tls`` with the caller's SPIFFE ID as
+``source_principal`` (at most 1,024 distinct principals, then ``unknown``); the rest of the peer's
+identity (workload, namespace) needs Istio's metadata exchange and stays ``unknown``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from meshproxy.config.istio import CLUSTER_DOMAIN, DEFAULT_NAMESPACE, fqdn
 from meshproxy.config.model import MeshConfig
+from meshproxy.core.identity import spiffe_uri
 from meshproxy.core.record import Direction, RequestRecord
 from meshproxy.core.routing import PASSTHROUGH_NAME, Cluster, ClusterKind, host_aliases
 
@@ -107,6 +110,9 @@ HTTP_LABELS: Final = (
     "response_code",
     "grpc_response_status",
 )
+_SOURCE_PRINCIPAL: Final = PEER_LABELS.index("source_principal")
+# Distinct callers' principals kept as label values; beyond this they are reported "unknown".
+_SECURE_PEERS_MAX: Final = 1024
 # TCP metrics carry no response code or gRPC status (reference §3.1: "HTTP only", "gRPC only").
 TCP_LABELS: Final = (
     *PEER_LABELS,
@@ -127,6 +133,8 @@ _CANONICAL_REVISION = (
 ClusterSnapshots = Callable[[], Iterable[Mapping[str, object]]]
 """Each cluster state's ``/clusters`` snapshot (name, limits, counters, endpoints, outlier)."""
 ListenerSnapshots = Callable[[], Iterable[tuple[str, int]]]
+"""(listener, reason, count) for each reason a listener refused connections at the TLS layer."""
+TlsRefusals = Callable[[], Iterable[tuple[str, str, int]]]
 """(listener name, active downstream connections) for each listener."""
 CertificateExpiries = Callable[[], Iterable[tuple[str, float]]]
 """(certificate name, notAfter as Unix time) for each certificate the proxy holds."""
@@ -137,8 +145,9 @@ def _nothing() -> tuple[()]:
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    """Istio's workload identity, ``spiffe://<trust domain>/ns/<namespace>/sa/<account>``."""
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+    """Istio's workload identity, ``spiffe://<trust domain>/ns/<namespace>/sa/<account>``
+    (``core.identity.spiffe_uri``, kept under this name for the metric label code)."""
+    return spiffe_uri(trust_domain, namespace, service_account)
 
 
 def _first(labels: Mapping[str, str], keys: Sequence[str]) -> str:
@@ -320,6 +329,7 @@ class MeshMetrics:
         "_inbound",
         "_inbound_unknown",
         "_outbound_unknown",
+        "_secure",
         "_tcp",
         "config_reloads",
         "registry",
@@ -336,6 +346,7 @@ class MeshMetrics:
         *,
         cluster_snapshots: ClusterSnapshots = _nothing,
         listener_snapshots: ListenerSnapshots = _nothing,
+        tls_refusals: TlsRefusals = _nothing,
         certificates: CertificateExpiries = _nothing,
     ) -> None:
         self.registry = registry = CollectorRegistry()
@@ -372,18 +383,21 @@ class MeshMetrics:
         )
         self.config_reloads = Counter(
             "meshproxy_config_reloads_total",
-            "Configuration reloads by result (accepted, rejected). Config reload is a later "
-            "issue: until it lands both stay 0.",
+            "Configuration reloads (file change or SIGHUP) by result: accepted (now serving), "
+            "rejected (invalid or unbindable; the previous config keeps serving).",
             ("result",),
             registry=registry,
         )
         for result in ("accepted", "rejected"):
             self.config_reloads.labels(result)
-        registry.register(_ProxyCollector(cluster_snapshots, listener_snapshots, certificates))
+        registry.register(
+            _ProxyCollector(cluster_snapshots, listener_snapshots, certificates, tls_refusals)
+        )
         self._tcp: dict[tuple[_Peer, str], _TcpChildren] = {}
         self._by_endpoint: dict[tuple[str, str], _Peer] = {}
         self._by_cluster: dict[str, _Peer] = {}
         self._inbound: dict[str, _Peer] = {}
+        self._secure: dict[tuple[_Peer, str], _Peer] = {}
         self._outbound_unknown = self._inbound_unknown = _Peer(("",) * len(PEER_LABELS), "")
         self.load(config, clusters)
 
@@ -447,8 +461,8 @@ class MeshMetrics:
         by_cluster[""] = unknown_out  # answered before routing chose a cluster (NR, 400s)
 
         def inbound(svc: tuple[str, str, str]) -> _Peer:
-            # This workload is the destination; the caller is unknown until mTLS. Without mTLS
-            # the destination reports the connection as plain text: "none".
+            # This workload is the destination; the caller is unknown (over mTLS its principal
+            # is known: _mutual_tls). Plaintext is reported as "none".
             dest = (*own[:5], *svc, *own[5:])
             return _Peer(("destination", *_UNKNOWN_WORKLOAD, *dest), "none")
 
@@ -462,6 +476,7 @@ class MeshMetrics:
         # series themselves (same label values, same child), so counts carry across a reload.
         self._http.clear()
         self._tcp.clear()
+        self._secure.clear()
 
     # -- the hot path ---------------------------------------------------------------------------
     def sink(self, record: RequestRecord) -> None:
@@ -472,6 +487,8 @@ class MeshMetrics:
                 peer = self._by_cluster.get(record.cluster) or self._outbound_unknown
         else:
             peer = self._inbound.get(record.authority) or self._inbound_peer(record.authority)
+            if record.tls:
+                peer = self._mutual_tls(peer, record.source_principal)
         flags = record.flags
         code = record.response_code
         key = (peer, code, ",".join(flags) if flags else "-")
@@ -485,6 +502,23 @@ class MeshMetrics:
         children.response_bytes.observe(record.bytes_sent)
         if code == 101:
             self._tunnel(peer, key[2], record)
+
+    def _mutual_tls(self, peer: _Peer, principal: str) -> _Peer:
+        """The inbound peer of a request that came over mTLS: the destination reports the
+        connection as ``mutual_tls`` and knows the caller's ``source_principal`` from its
+        certificate (its workload name and namespace need Istio's metadata exchange)."""
+        key = (peer, principal)
+        found = self._secure.get(key)
+        if found is None:
+            if len(self._secure) >= _SECURE_PEERS_MAX:
+                principal = UNKNOWN  # bounded label values, whatever callers present
+                key = (peer, principal)
+                found = self._secure.get(key)
+            if found is None:
+                values = list(peer.values)
+                values[_SOURCE_PRINCIPAL] = principal or UNKNOWN
+                found = self._secure[key] = _Peer(tuple(values), "mutual_tls")
+        return found
 
     def _inbound_peer(self, authority: str) -> _Peer:
         # Host headers are case-insensitive (RFC 9110 §4.2.3); the lookup table is lower case.
@@ -507,7 +541,7 @@ class MeshMetrics:
         children.sent.inc(record.bytes_sent)
         children.received.inc(record.bytes_received)
 
-    # -- reload (a later issue calls these) -----------------------------------------------------
+    # -- reload (App.reload calls these) --------------------------------------------------------
     def reload_accepted(self) -> None:
         self.config_reloads.labels("accepted").inc()
 
@@ -637,10 +671,12 @@ class _ProxyCollector(Collector):
         clusters: ClusterSnapshots,
         listeners: ListenerSnapshots,
         certificates: CertificateExpiries,
+        tls_refusals: TlsRefusals,
     ) -> None:
         self._clusters = clusters
         self._listeners = listeners
         self._certificates = certificates
+        self._tls_refusals = tls_refusals
 
     def describe(self) -> Iterable[Metric]:
         return []  # names are not checked against the registry's: they are ours alone
@@ -662,10 +698,20 @@ class _ProxyCollector(Collector):
             active.add_metric((listener,), count)
         yield active
 
+        refused = CounterMetricFamily(
+            "meshproxy_listener_tls_refused",
+            "Connections a listener refused at the TLS layer, by reason (plaintext on a STRICT "
+            "port, bad or missing client certificate, no SPIFFE ID, handshake timeout or error).",
+            labels=("listener_name", "reason"),
+        )
+        for listener, reason, count in self._tls_refusals():
+            refused.add_metric((listener, reason), count)
+        yield refused
+
         expiry = GaugeMetricFamily(
             "meshproxy_certificate_expiration_timestamp_seconds",
-            "Unix time at which each certificate the proxy holds expires. mTLS is a later "
-            "issue: until the proxy holds certificates this metric has no samples.",
+            "Unix time at which each certificate the proxy holds expires (the workload "
+            "certificate and each root of its trust bundle; none without spec.tls).",
             labels=("certificate",),
         )
         for certificate, not_after in self._certificates():

@@ -51,9 +51,14 @@ async def gated() -> AsyncIterator[tuple[Gate, Upstream]]:
         gate.release.set()
 
 
-async def start(tmp_path: Path, up: Upstream, drain: str = "5s") -> ProxyProcess:
+async def start(
+    tmp_path: Path, up: Upstream, drain: str = "5s", inbound_app: int | None = None
+) -> ProxyProcess:
     path = tmp_path / "mesh.yaml"
-    path.write_text(join(bootstrap(drain=drain), service_entry("reviews", [up.port])))
+    config = join(
+        bootstrap(drain=drain, inbound_app=inbound_app), service_entry("reviews", [up.port])
+    )
+    path.write_text(config)
     return await ProxyProcess(str(path)).start()
 
 
@@ -61,10 +66,11 @@ async def start(tmp_path: Path, up: Upstream, drain: str = "5s") -> ProxyProcess
 async def test_signal_drains_in_flight_requests_then_exits_0(
     tmp_path: Path, gated: tuple[Gate, Upstream], sig: signal.Signals
 ) -> None:
+    # The inbound side drains at once (the outbound side's order: test_shutdown_order.py).
     gate, up = gated
-    px = await start(tmp_path, up)
+    px = await start(tmp_path, up, inbound_app=up.port)
     try:
-        port, admin = px.ports["outbound"], px.ports["admin"]
+        port, admin = px.ports["inbound"], px.ports["admin"]
         clients = [await RawClient.connect(port) for _ in range(5)]
         idle = await RawClient.connect(port)  # connected, no request: closed at drain
         calls = [

@@ -49,7 +49,21 @@ REPO_ROOT = BENCH_DIR.parent
 NOTES_MARKER = "<!-- notes -->"
 BODY_SIZE = 1024
 HOST_HEADER = "upstream.bench"
-TARGETS = ("direct", "meshproxy", "meshproxy-default", "meshproxy-full", "envoy", "envoy-full")
+TARGETS = (
+    "direct",
+    "meshproxy",
+    "meshproxy-default",
+    "meshproxy-full",
+    "meshproxy-httptools",
+    "meshproxy-httptools-default",
+    "envoy",
+    "envoy-full",
+)
+# The HTTP/1.1 codec each meshproxy target runs (spec.http1Codec, issue #7); h11 when not listed.
+CODECS = {"meshproxy-httptools": "httptools", "meshproxy-httptools-default": "httptools"}
+# Issue #7 section 4, with routing, default retries, metrics and 1% tracing on, at 32 connections:
+# (target, its req/s as a multiple of Envoy's it must reach).
+ISSUE7_TARGETS = (("meshproxy-httptools-default", 1.0), ("meshproxy-default", 0.25))
 LOOPBACK = "127.0.0.1"
 POLL_INTERVAL_S = 0.05
 STOP_TIMEOUT_S = 5.0
@@ -105,6 +119,15 @@ TELEMETRY: dict[str, TelemetryPlan] = {
         True,
         "metrics on, OTLP/HTTP tracing to the sink at 100% (Telemetry "
         "`randomSamplingPercentage: 100`), text access log to a file in the temp dir",
+    ),
+    "meshproxy-httptools": TelemetryPlan(
+        False, None, False, "as `meshproxy`, with `spec.http1Codec: httptools` (llhttp)"
+    ),
+    "meshproxy-httptools-default": TelemetryPlan(
+        True,
+        ISTIO_DEFAULT_SAMPLING,
+        False,
+        "as `meshproxy-default` (metrics, 1% tracing), with `spec.http1Codec: httptools`",
     ),
     "envoy": TelemetryPlan(True, None, False, "no tracing, no access log (as before)"),
     "envoy-full": TelemetryPlan(
@@ -527,6 +550,8 @@ MESHPROXY_LABELS = {
     "meshproxy": "meshproxy (no telemetry)",
     "meshproxy-default": "meshproxy-default (metrics, 1% tracing)",
     "meshproxy-full": "meshproxy-full (metrics, 100% tracing, access log)",
+    "meshproxy-httptools": "meshproxy-httptools (no telemetry)",
+    "meshproxy-httptools-default": "meshproxy-httptools-default (metrics, 1% tracing)",
 }
 ENVOY_LABELS = {
     "envoy": "Envoy (--concurrency 1)",
@@ -585,6 +610,7 @@ def start_meshproxy(
         upstream_port=upstream_port,
         host=HOST_HEADER,
         telemetry=json.dumps(bootstrap),
+        codec=CODECS.get(name, "h11"),
         telemetry_resource=f"---\n{json.dumps(resource)}" if resource else "",
     )
     cmd = [args.python, "-m", "meshproxy", "run", "-c", str(config), *args.meshproxy_arg]
@@ -946,6 +972,7 @@ def block_markdown(block: Block, labels: dict[str, str]) -> str:
         mesh.cpu_us_per_req if mesh else None, envoy.cpu_us_per_req if envoy else None
     )
     lines.append(f"- CPU per request, meshproxy / Envoy: **{fmt_ratio(cpu_ratio)}**")
+    lines += codec_lines(block)
     lines += telemetry_lines(block, labels)
     lines += ["", "<details><summary>individual runs (req/s; p50/p99 ms)</summary>", ""]
     for name, summary in s.items():
@@ -953,6 +980,32 @@ def block_markdown(block: Block, labels: dict[str, str]) -> str:
         lines.append(f"- {labels[name]}: {cells}")
     lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def codec_lines(block: Block) -> list[str]:
+    """Issue #7: each codec (with Istio's default telemetry) against Envoy in the same run."""
+    s = block.summaries
+    envoy = s.get("envoy")
+    if envoy is None or not any(name in s for name in CODECS):
+        return []
+    lines = ["", "HTTP/1.1 codecs (issue #7; min-max over the interleaved repeats):", ""]
+    for name in ("meshproxy", "meshproxy-default", *CODECS):
+        summary = s.get(name)
+        if summary is None:
+            continue
+        value = ratio(summary.rps, envoy.rps)
+        spread = ", ".join(f"{r.rps / envoy.rps:.2f}" for r in summary.runs) if envoy.rps else ""
+        goal = dict(ISSUE7_TARGETS).get(name) if block.connections == 32 else None
+        verdict = ""
+        if goal is not None:
+            met = value is not None and value >= goal
+            verdict = f" (target >= {goal:.2f}x: " + ("met" if met else "**missed**") + ")"
+        p99 = ratio(summary.p99_ms, envoy.p99_ms)
+        lines.append(
+            f"- {name} ({CODECS.get(name, 'h11')}) / Envoy req/s: **{fmt_ratio(value)}**{verdict}; "
+            f"per run (against the median Envoy): {spread}; p99 / Envoy's p99: {fmt_ratio(p99)}"
+        )
+    return lines
 
 
 TELEMETRY_PAIRS = (  # (numerator, denominator) of the telemetry-cost ratio lines

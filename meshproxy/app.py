@@ -50,6 +50,7 @@ from meshproxy.config.model import (
     yaml_key,
 )
 from meshproxy.core.authz import Authorizer
+from meshproxy.core.codecs import codec_factory
 from meshproxy.core.identity import spiffe_uri
 from meshproxy.core.peerauth import effective_mtls
 from meshproxy.core.record import Direction
@@ -219,6 +220,9 @@ class App:
         self._retiring: set[Listener] = set()
         self._retired_states: list[ClusterState] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # spec.http1Codec: the HTTP/1.1 parser both sides use (issue #7); chosen for the process's
+        # lifetime (a reload keeps it: pooled connections and listeners carry their codec).
+        self.codecs = codec_factory(config.bootstrap.spec.http1_codec)
 
     # -- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -326,7 +330,10 @@ class App:
         retired: list[ClusterState] = []
         if previous is None:
             pools = PoolManager(
-                clusters, self._contexts, self.worker[1] if self.worker is not None else 1
+                clusters,
+                self._contexts,
+                self.worker[1] if self.worker is not None else 1,
+                client_codec=self.codecs.client,
             )
         else:
             pools, retired = previous.pools.successor(clusters)
@@ -472,6 +479,7 @@ class App:
             reuse_port=self.worker is not None,
             # Only outbound routes by where the app connected (transparent capture, issue #8).
             original_dst=name == "outbound",
+            server_codec=self.codecs.server,
         )
         await listener.start()
         return listener

@@ -198,6 +198,10 @@ async def upstream(handler: Handler = _default_handler) -> AsyncIterator[Upstrea
 # Config and a running proxy
 
 
+# spec.http1Codec for bootstrap(): pytest --http1-codec=httptools runs the suite on the other codec.
+HTTP1_CODEC = "h11"
+
+
 def bootstrap(
     *,
     policy: str = "REGISTRY_ONLY",
@@ -221,6 +225,7 @@ def bootstrap(
         f"{inbound}"
         f"  outboundTrafficPolicy: {policy}\n"
         f"  drainDuration: {drain}\n"
+        f"{'' if 'http1Codec' in extra else f'  http1Codec: {HTTP1_CODEC}{chr(10)}'}"
         f"{textwrap.indent(extra, '  ') if extra else ''}"
     )
 

@@ -12,6 +12,7 @@ istio/istio ``pkg/config/validation`` (reference §1).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +23,7 @@ from meshproxy.config.model import (
     ClientTLSSettings,
     Destination,
     DestinationRule,
+    Http1Codec,
     HTTPRoute,
     MeshConfig,
     MeshProxy,
@@ -233,6 +235,12 @@ def _check_bootstrap(chk: _Checker, mp: MeshProxy) -> None:
         chk.error(mp, "spec.timeouts.requestHeaders", "must be positive")
     if spec.timeouts.idle <= 0:
         chk.error(mp, "spec.timeouts.idle", "must be positive")
+    if spec.http1_codec is Http1Codec.HTTPTOOLS and importlib.util.find_spec("httptools") is None:
+        chk.error(
+            mp,
+            "spec.http1Codec",
+            "httptools is not installed: install meshproxy[fast], or choose h11 or auto",
+        )
     bound: dict[str, str] = {}
     for path, addr in (
         ("spec.admin", spec.admin),

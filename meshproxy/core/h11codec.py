@@ -153,11 +153,17 @@ class H11ServerCodec:
         return data or b""
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
-        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
+        try:
+            return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
+        except h11.LocalProtocolError as exc:  # more than the Content-Length it declared
+            raise UpstreamProtocolError(f"response cannot be forwarded: {exc}") from exc
 
     def send_end(self, trailers: HeaderList = ()) -> bytes:
         event = h11.EndOfMessage(headers=list(trailers)) if trailers else _H11_EOM
-        data = self._conn.send(event)
+        try:
+            data = self._conn.send(event)
+        except h11.LocalProtocolError as exc:
+            raise UpstreamProtocolError(f"response cannot be forwarded: {exc}") from exc
         return data or b""
 
     def start_next_cycle(self) -> bool:
@@ -228,11 +234,17 @@ class H11ClientCodec:
         return data or b""
 
     def send_body(self, data: bytes) -> Sequence[bytes]:
-        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
+        try:
+            return self._conn.send_with_data_passthrough(h11.Data(data=data)) or ()
+        except h11.LocalProtocolError as exc:  # more than the Content-Length it declared
+            raise BadRequest(f"request cannot be forwarded: {exc}") from exc
 
     def send_end(self, trailers: HeaderList = ()) -> bytes:
         event = h11.EndOfMessage(headers=list(trailers)) if trailers else _H11_EOM
-        data = self._conn.send(event)
+        try:
+            data = self._conn.send(event)
+        except h11.LocalProtocolError as exc:
+            raise BadRequest(f"request cannot be forwarded: {exc}") from exc
         return data or b""
 
     def feed(self, data: bytes) -> None:

@@ -92,6 +92,8 @@ class ServerCodec(Protocol):
     @property
     def switched(self) -> bool: ...
     def trailing_data(self) -> bytes: ...
+    def send_error_head(self, head: ResponseHead) -> bytes:
+        """Frame a local reply after ``next_event`` raised, whatever state the parser is in."""
 
 
 class ClientCodec(Protocol):
@@ -117,9 +119,6 @@ def check_request_head(head: RequestHead, raw_head: bytes | None) -> None:
     ``raw_head`` is the request head exactly as received (request line to the blank line), or None
     when the codec cannot provide it; the codec reports the head size separately.
     """
-    if head.http_version != b"1.1":
-        # Envoy with accept_http_10 off answers HTTP/1.0 (and any other version) with 426.
-        raise UpgradeRequired(f"HTTP/{head.http_version.decode('latin-1')} request")
     content_length: bytes | None = None
     transfer_encoding: bytes | None = None
     for name, value in head.headers:
@@ -141,6 +140,11 @@ def check_request_head(head: RequestHead, raw_head: bytes | None) -> None:
         lowered = raw_head.lower()
         if lowered.count(b"\ncontent-length:") > 1 or b"," in _header_line(lowered):
             raise BadRequest("duplicate content-length")
+    if head.http_version != b"1.1":
+        # Envoy with accept_http_10 off answers HTTP/1.0 (and any other version) with 426. Checked
+        # last, so a head with a framing defect gets the same 400 from every codec (llhttp rejects
+        # `Content-Length: 4, 4` while parsing, before it knows anything of versions).
+        raise UpgradeRequired(f"HTTP/{head.http_version.decode('latin-1')} request")
 
 
 def _header_line(lowered: bytes) -> bytes:

@@ -23,8 +23,15 @@ import typing
 from typing import TYPE_CHECKING
 
 from meshproxy.core.classify import Failure, Outcome, failed, response
-from meshproxy.core.h11codec import H11ServerCodec
-from meshproxy.core.http1 import Body, EndOfMessage, Header, RequestHead, ResponseHead, Signal
+from meshproxy.core.http1 import (
+    Body,
+    EndOfMessage,
+    Header,
+    RequestHead,
+    ResponseHead,
+    ServerCodec,
+    Signal,
+)
 from meshproxy.core.limits import ClusterLimits
 from meshproxy.core.record import RequestRecord
 from meshproxy.core.retry import Verdict
@@ -132,7 +139,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.listener = listener
         self.handler = handler
         self.loop = listener.loop
-        self.codec = H11ServerCodec()
+        self.codec: ServerCodec = listener.server_codec()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         # The TLS peer's proof of identity (None: plaintext, or no certificate).

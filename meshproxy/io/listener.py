@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshproxy.config.model import HostPort, MtlsMode
-from meshproxy.core.http1 import Header, HeaderList
+from meshproxy.core.h11codec import H11ServerCodec
+from meshproxy.core.http1 import Header, HeaderList, ServerCodec
 from meshproxy.io.downstream import DownstreamConnection
 from meshproxy.io.handler import Handler
 from meshproxy.io.tls import WorkloadCredentials, verify_failure_reason
@@ -88,6 +89,7 @@ class Listener:
         "retry_buffer",
         "reuse_port",
         "server",
+        "server_codec",
         "tasks",
         "tls",
         "tls_failures",
@@ -105,7 +107,9 @@ class Listener:
         tls: InboundTLS | None = None,
         reuse_port: bool = False,
         original_dst: bool = False,
+        server_codec: Callable[[], ServerCodec] = H11ServerCodec,
     ) -> None:
+        self.server_codec = server_codec  # spec.http1Codec (core/codecs.py)
         self.name = name
         # Read each connection's SO_ORIGINAL_DST (the outbound listener under iptables capture).
         self.original_dst = original_dst

@@ -20,13 +20,14 @@ import logging
 import socket
 import ssl
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from meshproxy.core.classify import Failure, Outcome
 from meshproxy.core.h11codec import H11ClientCodec
 from meshproxy.core.http1 import (
     Body,
+    ClientCodec,
     EndOfMessage,
     Informational,
     ResponseHead,
@@ -88,7 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
-        self.codec = H11ClientCodec()
+        self.codec: ClientCodec = pool.state.client_codec()
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.requests = 0  # requests started on this connection
@@ -244,6 +245,7 @@ class ClusterState:
 
     __slots__ = (
         "_next_tick",
+        "client_codec",
         "cluster",
         "contexts",
         "keepalive",
@@ -263,7 +265,10 @@ class ClusterState:
         tasks: set[asyncio.Task[None]],
         contexts: ClientContexts | None = None,
         workers: int = 1,
+        *,
+        client_codec: Callable[[], ClientCodec] = H11ClientCodec,
     ) -> None:
+        self.client_codec = client_codec  # spec.http1Codec (core/codecs.py)
         self.cluster = cluster
         self.contexts = contexts  # outbound TLS contexts (None: this proxy originates no TLS)
         # With several worker processes each holds its share of the cluster's limits.
@@ -680,7 +685,7 @@ def _origination_for(state: ClusterState, endpoint: Endpoint) -> Origination | N
 class PoolManager:
     """Cluster states by cluster name; passthrough destinations get one on demand (bounded LRU)."""
 
-    __slots__ = ("_by_cluster", "_passthrough", "contexts", "tasks", "workers")
+    __slots__ = ("_by_cluster", "_passthrough", "client_codec", "contexts", "tasks", "workers")
 
     def __init__(
         self,
@@ -690,7 +695,9 @@ class PoolManager:
         *,
         carried: Iterable[ClusterState] = (),
         tasks: set[asyncio.Task[None]] | None = None,
+        client_codec: Callable[[], ClientCodec] = H11ClientCodec,
     ) -> None:
+        self.client_codec = client_codec  # spec.http1Codec (core/codecs.py)
         self.tasks: set[asyncio.Task[None]] = set() if tasks is None else tasks
         self.contexts = contexts
         self.workers = workers
@@ -699,7 +706,9 @@ class PoolManager:
         for c in clusters:
             state = kept.get(c.name)
             if state is None or state.cluster != c:
-                state = ClusterState(c, c.endpoints, self.tasks, contexts, workers)
+                state = ClusterState(
+                    c, c.endpoints, self.tasks, contexts, workers, client_codec=client_codec
+                )
             self._by_cluster[c.name] = state
         self._passthrough: collections.OrderedDict[tuple[str, int], ClusterState] = (
             collections.OrderedDict()
@@ -709,7 +718,12 @@ class PoolManager:
         found = self._by_cluster.get(cluster.name)
         if found is None:
             found = ClusterState(
-                cluster, cluster.endpoints, self.tasks, self.contexts, self.workers
+                cluster,
+                cluster.endpoints,
+                self.tasks,
+                self.contexts,
+                self.workers,
+                client_codec=self.client_codec,
             )
             self._by_cluster[cluster.name] = found
         return found
@@ -723,7 +737,8 @@ class PoolManager:
         if state is not None:
             self._passthrough.move_to_end(key)
             return state.pools[0]
-        state = ClusterState(cluster, (Endpoint(address=host, port=port),), self.tasks)
+        endpoint = Endpoint(address=host, port=port)
+        state = ClusterState(cluster, (endpoint,), self.tasks, client_codec=self.client_codec)
         self._passthrough[key] = state
         while len(self._passthrough) > _PASSTHROUGH_POOLS_MAX:
             _, old = self._passthrough.popitem(last=False)
@@ -751,6 +766,7 @@ class PoolManager:
             self.workers,
             carried=self._by_cluster.values(),
             tasks=self.tasks,
+            client_codec=self.client_codec,
         )
         used = {id(s) for s in nxt._by_cluster.values()}
         retired = [s for s in self.states() if id(s) not in used]

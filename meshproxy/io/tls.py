@@ -33,11 +33,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshproxy.config.model import TLSMode, WorkloadTLS
 from meshproxy.core.origination import Origination, Verify
 from meshproxy.errors import CertCheck, CertificateError
-from meshproxy.io.ca import ROTATION_RATIO, CertInfo, cert_info, issue_in_memory, load_pair
+
+if TYPE_CHECKING:
+    from meshproxy.io.ca import CertInfo
+
+# ``meshproxy.io.ca`` (and with it ``cryptography``, about 9 MiB of RSS) is imported only by a
+# proxy that holds a certificate: the functions below import it when first called.
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +164,8 @@ class WorkloadCredentials:
     def _candidate(self) -> Generation:
         if self.self_issued:
             try:
+                from meshproxy.io.ca import issue_in_memory
+
                 cert_pem, key_pem, root_pem = issue_in_memory(
                     self._path(self.settings.ca),
                     (self._namespace, self._service_account),
@@ -176,6 +184,8 @@ class WorkloadCredentials:
                 raise CertificateError(
                     CertCheck.PEM, f"cannot read {exc.filename}: {exc.strerror}"
                 ) from exc
+        from meshproxy.io.ca import load_pair
+
         leaf = load_pair(cert_pem, key_pem, root_pem)
         return self._build(cert_pem, key_pem, root_pem, leaf)
 
@@ -197,6 +207,8 @@ class WorkloadCredentials:
             raise CertificateError(
                 CertCheck.PEM, f"cannot keep a private copy in {self._private}: {exc.strerror}"
             ) from exc
+        from meshproxy.io.ca import cert_info
+
         roots = tuple(cert_info(p) for p in _split_pem(root_pem))
         try:
             server = _base_context(ssl.Purpose.CLIENT_AUTH)
@@ -250,6 +262,8 @@ class WorkloadCredentials:
             # certificate (2m) due at once and re-issued at every poll.
             expires = generation.leaf.not_after.timestamp()
             issued = generation.loaded_at
+            from meshproxy.io.ca import ROTATION_RATIO
+
             self._reissue_at = expires - ROTATION_RATIO * max(0.0, expires - issued)
         if old is not None and self._on_rotate is not None:
             self._on_rotate()

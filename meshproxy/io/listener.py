@@ -308,7 +308,9 @@ class Listener:
 
     @property
     def active(self) -> int:
-        return len(self.connections)
+        # Accepted connections still before or in their TLS handshake count too (as in Envoy's
+        # downstream_cx_active): a drain must wait for them, not exit and cut them off.
+        return len(self.connections) + self._handshaking
 
     def _stop_accepting(self) -> None:
         if self._accept_task is not None:

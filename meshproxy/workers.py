@@ -36,6 +36,7 @@ import socket
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
@@ -254,10 +255,11 @@ class Supervisor:
                 host, _, port = fields.get("admin", "").rpartition(":")
                 worker.admin = (host.strip("[]"), int(port))
                 worker.listeners = " ".join(f"{k}={v}" for k, v in fields.items() if k != "admin")
-                # Keep draining the worker's stdout so it never blocks on a full pipe.
+                # From here on the worker's stdout is its access log (``-``, Istio's default
+                # ``/dev/stdout``) and its reload lines: copied to ours, never dropped.
                 self._own(
                     asyncio.get_running_loop().create_task(
-                        _pump(stdout), name=f"worker-{worker.index}-stdout"
+                        _pump(stdout, sys.stdout.buffer), name=f"worker-{worker.index}-stdout"
                     )
                 )
                 return
@@ -312,6 +314,10 @@ class Supervisor:
                     await asyncio.gather(*(w.process.wait() for w in self.workers))
             except TimeoutError:
                 await self._terminate()
+        if self._tasks:
+            # The stdout pumps end at their worker's EOF: let them copy its last lines (the
+            # access log of the requests drained at exit) rather than cut them off.
+            await asyncio.wait(list(self._tasks), timeout=_ADMIN_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -393,9 +399,27 @@ class Supervisor:
         return _json(merge_json(docs) if docs else {"clusters": []})
 
 
-async def _pump(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+# A worker's partial line kept back at most this long before it is written anyway.
+_PUMP_LINE_MAX = 1 << 20
+
+
+async def _pump(stream: asyncio.StreamReader, out: BinaryIO) -> None:
+    """Copy a worker's stdout to ``out`` (the supervisor's) until EOF, whole lines at a time so
+    that two workers' lines never interleave mid-line; the worker never blocks on a full pipe
+    unless ``out`` does."""
+    pending = b""
+    while chunk := await stream.read(65536):
+        data = pending + chunk
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) >= _PUMP_LINE_MAX:
+            end = len(data)
+        if end:
+            out.write(data[:end])
+            out.flush()
+        pending = data[end:]
+    if pending:
+        out.write(pending)
+        out.flush()
 
 
 def _content_type(body: bytes) -> bytes:

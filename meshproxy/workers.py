@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -49,6 +50,8 @@ from meshproxy.io.admin import AdminRequest, AdminResponse, AdminServer, Deferre
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "MESHPROXY_WORKER"  # "index/count" in a worker's environment
+SUPERVISOR_ENV = "MESHPROXY_SUPERVISOR_PID"  # the supervisor's pid, in a worker's environment
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_PREFIX = "meshproxy ready: "
 START_TIMEOUT = 60.0
 _ADMIN_TIMEOUT = 5.0
@@ -99,6 +102,21 @@ def as_worker(env: Mapping[str, str]) -> tuple[int, int] | None:
         return None
     index, _, count = value.partition("/")
     return int(index), int(count)
+
+
+def follow_supervisor(env: Mapping[str, str]) -> bool:
+    """In a worker: have the kernel send SIGTERM (a drain) when the supervisor dies, however it
+    dies (SIGKILL, the OOM killer), so that no orphan keeps serving the ports with SO_REUSEPORT
+    beside a restarted meshproxy. False when the supervisor is already gone (the worker must
+    not start)."""
+    parent = int(env.get(SUPERVISOR_ENV) or 0)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    # The supervisor may have died before the prctl: then no signal comes, and the parent is
+    # already someone else (init or a subreaper).
+    return not parent or os.getppid() == parent
 
 
 def worker_config(config: MeshConfig, env: Mapping[str, str]) -> MeshConfig:
@@ -201,6 +219,7 @@ class Supervisor:
             for index in range(self.count):
                 env = dict(os.environ, **{WORKER_ENV: f"{index}/{self.count}"})
                 env["MESHPROXY_WORKER_BINDS"] = ",".join(binds)
+                env[SUPERVISOR_ENV] = str(os.getpid())
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",

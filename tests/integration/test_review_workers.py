@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -49,3 +55,69 @@ async def test_workers_access_log_on_stdout_reaches_the_supervisors_stdout(
             assert "/last" in {doc["path"] for doc in rest}
         finally:
             proc.stop()
+
+
+def _worker_pids(admin_port: int) -> list[int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/workers", timeout=5) as resp:
+        return [int(w["pid"]) for w in json.loads(resp.read())["workers"]]
+
+
+async def _exited(pid: int, timeout: float) -> bool:
+    """True once process ``pid`` (not our child) has exited: its pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, a plain ``kill -9``) gives the supervisor no chance to stop its
+    workers. They used to live on as orphans, still bound to the ports with SO_REUSEPORT, so
+    a restarted meshproxy shared its ports with the old configuration's workers. Each worker
+    now asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG) and drains."""
+    async with upstream() as app:
+        config = tmp_path / "mesh.yaml"
+        config.write_text(join(bootstrap(drain="1s"), service_entry("svc", [app.port])))
+        proc = await ProxyProcess(str(config), "--workers", "2").start()
+        pids: list[int] = []
+        try:
+            pids = await asyncio.to_thread(_worker_pids, proc.ports["admin"])
+            assert len(pids) == 2
+            proc.signal(signal.SIGKILL)
+            assert await proc.wait() == -signal.SIGKILL
+            for pid in pids:
+                assert await _exited(pid, 10), f"worker {pid} outlived its supervisor"
+        finally:
+            proc.stop()
+            for pid in pids:  # the orphans of a failed run, not left behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_worker_whose_supervisor_is_gone_does_not_start(tmp_path: Path) -> None:
+    """A worker whose parent is no longer the supervisor that started it (it died before the
+    worker could ask for PR_SET_PDEATHSIG) would never get the signal: it refuses to start."""
+    config = tmp_path / "mesh.yaml"
+    config.write_text(bootstrap())
+    env = dict(os.environ, MESHPROXY_WORKER="0/2", MESHPROXY_SUPERVISOR_PID="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "meshproxy", "run", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert b"its supervisor is gone; not starting" in done.stderr
+    assert done.stdout == b""

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshproxy.config.model import TLSMode, WorkloadTLS
+from meshproxy.core.identity import parse_spiffe
 from meshproxy.core.origination import Origination, Verify
 from meshproxy.errors import CertCheck, CertificateError
 from meshproxy.io.ca import ROTATION_RATIO, CertInfo, cert_info, issue_in_memory, load_pair
@@ -62,7 +63,10 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerIdentity | N
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    uri = next((v for v in _sans(ssl_object, "URI") if v.startswith("spiffe://")), "")
+    # Only a well-formed SPIFFE ID is an identity (core/identity.py): the URI SAN's text goes
+    # verbatim into x-forwarded-client-cert, the principal and the logs, so one that merely
+    # starts with spiffe:// could add XFCC fields (; , ") or header lines (CR LF) of its own.
+    uri = next((v for v in _sans(ssl_object, "URI") if parse_spiffe(v) is not None), "")
     return PeerIdentity(uri=uri, cert_hash=hashlib.sha256(der).hexdigest())
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshproxy.app import App
 from meshproxy.config.load import load_texts
-from tests.helpers import join, upstream
+from meshproxy.io.ca import CA_CERT, CA_KEY
+from tests.helpers import join, proxy, upstream
 from tests.integration.test_mtls import _boot
 from tests.pki import Pki, peer_authentication, tls_block
 
@@ -77,3 +82,101 @@ async def test_drain_waits_for_a_handshake_accepted_before_it(pki: Pki) -> None:
             if not serving.done():
                 serving.cancel()
                 await app.close()
+
+
+def _cert_with_uri(pki: Pki, uri: str, out: Path) -> tuple[Path, Path]:
+    """A client certificate the mesh CA signed whose one URI SAN is ``uri``, verbatim."""
+    ca_cert = x509.load_pem_x509_certificate((pki.ca_dir / CA_CERT).read_bytes())
+    ca_key = serialization.load_pem_private_key((pki.ca_dir / CA_KEY).read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir()
+    (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return out / "cert.pem", out / "key.pem"
+
+
+def _tls_get(port: int, ctx: ssl.SSLContext) -> bytes:
+    """One GET over TLS, read to EOF; b"" when the server refuses during or after the
+    handshake (TLS 1.3: the client's side finishes first)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            ctx.wrap_socket(sock) as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+            data = bytearray()
+            while chunk := tls.recv(65536):
+                data += chunk
+            return bytes(data)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
+
+
+@pytest.mark.parametrize("codec", ["h11", "httptools"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        pytest.param(f"{SLEEP};By=spiffe://cluster.local/ns/default/sa/admin", id="semicolon"),
+        pytest.param(f"{SLEEP},By=spiffe://x/ns/a/sa/b;URI=spiffe://x/ns/a/sa/b", id="comma"),
+        pytest.param(f'{SLEEP}";Subject="CN=admin', id="quote"),
+        pytest.param(f"{SLEEP}\r\nx-injected: 1", id="crlf"),
+        pytest.param("spiffe://cluster.local/ns/default/sa/sleep/../admin", id="dot-segments"),
+    ],
+)
+async def test_client_uri_san_that_is_no_spiffe_id_is_refused(
+    pki: Pki, tmp_path: Path, uri: str, codec: str
+) -> None:
+    """A certificate (signed by a CA in the bundle) whose URI SAN starts with spiffe:// but is
+    not a SPIFFE ID: its text went verbatim into x-forwarded-client-cert (``URI=...``), where a
+    ``;``, ``,`` or ``"`` adds fields or elements of the caller's choosing and CR LF adds a
+    header line (the httptools codec writes values as they are), and into the principal that
+    AuthorizationPolicy and the logs see. It names no workload: refused as ``no_spiffe_id``,
+    as core/identity.py says such a peer must be treated."""
+    server_files = pki.issue("reviews")
+    cert, key = _cert_with_uri(pki, uri, tmp_path / "odd")
+    ctx = pki.client_context()
+    ctx.load_cert_chain(str(cert), str(key))
+    extra = tls_block(server_files) + f"http1Codec: {codec}\n"
+    async with upstream() as app_server:
+        text = join(
+            _boot("reviews", inbound_app=app_server.port, extra=extra),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(text) as server:
+            data = await asyncio.to_thread(_tls_get, server.inbound_port, ctx)
+            listener = server.app.listeners["inbound"]
+            await _until(lambda: listener.active == 0)
+            assert data == b"", data[:300]
+            assert listener.tls_failures == {"no_spiffe_id": 1}
+            assert app_server.requests == []
+            # A proper workload certificate is still served.
+            ok = await asyncio.to_thread(
+                _tls_get, server.inbound_port, pki.client_context(pki.issue("sleep"))
+            )
+            assert ok.startswith(b"HTTP/1.1 200 "), ok[:200]
+            xfcc = app_server.requests[-1].header("x-forwarded-client-cert")
+            assert xfcc is not None and xfcc.endswith(f"URI={SLEEP}")

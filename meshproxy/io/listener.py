@@ -237,7 +237,10 @@ class Listener:
                     ssl=generation.server,
                     ssl_handshake_timeout=max(0.001, deadline - loop.time()),
                 )
-            except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # ValueError: ssl's UnicodeDecodeError for a peer certificate name that is not
+            # UTF-8, raised when the handshake completes; a refusal like any other, never an
+            # exception that kills this task.
+            except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
                 reason = verify_failure_reason(exc)
                 kind = (
                     "handshake_timeout"

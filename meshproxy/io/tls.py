@@ -461,6 +461,8 @@ def verify_failure_reason(exc: BaseException) -> str:
         return exc.reason or str(exc)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "handshake timed out"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"certificate name is not UTF-8: {exc.object[:80]!r}"
     return str(exc) or type(exc).__name__
 
 

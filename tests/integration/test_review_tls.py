@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shutil
 import socket
 import ssl
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,7 +21,7 @@ from meshproxy.app import App
 from meshproxy.config.load import load_texts
 from meshproxy.io.ca import CA_CERT, CA_KEY
 from tests.helpers import join, proxy, upstream
-from tests.integration.test_mtls import _boot
+from tests.integration.test_mtls import _boot, reviews_entry
 from tests.pki import Pki, peer_authentication, tls_block
 
 
@@ -180,3 +183,92 @@ async def test_client_uri_san_that_is_no_spiffe_id_is_refused(
             assert ok.startswith(b"HTTP/1.1 200 "), ok[:200]
             xfcc = app_server.requests[-1].header("x-forwarded-client-cert")
             assert xfcc is not None and xfcc.endswith(f"URI={SLEEP}")
+
+
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(
+    OPENSSL is None, reason="needs the openssl binary (Debian package openssl; .ci/run)"
+)
+
+
+def _non_utf8_cert(pki: Pki, out: Path) -> tuple[Path, Path]:
+    """A certificate the mesh CA signed whose URI SAN holds a byte that is not UTF-8 (made
+    with the openssl tool: cryptography refuses to write one)."""
+    assert OPENSSL is not None
+    out.mkdir()
+    key, csr, ext, cert = (out / n for n in ("key.pem", "req.csr", "ext.cnf", "cert.pem"))
+    ext.write_bytes(b"subjectAltName=critical,URI:spiffe://cluster.local/ns/default/sa/s\xffp\n")
+    ca_cert, ca_key = str(pki.ca_dir / CA_CERT), str(pki.ca_dir / CA_KEY)
+    sign = ["x509", "-req", "-in", str(csr), "-CA", ca_cert, "-CAkey", ca_key, "-set_serial", "7"]
+    for argv in (
+        ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+        ["req", "-new", "-key", str(key), "-subj", "/O=odd", "-out", str(csr)],
+        [*sign, "-days", "1", "-extfile", str(ext), "-out", str(cert)],
+    ):
+        subprocess.run([OPENSSL, *argv], check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+@needs_openssl
+async def test_client_certificate_with_a_non_utf8_uri_san_is_refused_and_counted(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python's ssl decodes URI SANs as UTF-8 when the handshake completes; a CA-signed client
+    certificate with other bytes there makes that raise UnicodeDecodeError (a ValueError, not
+    an SSLError) out of connect_accepted_socket. It escaped the handshake task (uncounted, no
+    refusal line, a task that died with an exception); now it is a counted bad_certificate."""
+    cert, key = _non_utf8_cert(pki, tmp_path / "odd")
+    ctx = pki.client_context()
+    ctx.load_cert_chain(str(cert), str(key))
+    async with upstream() as app_server:
+        text = join(
+            _boot("reviews", inbound_app=app_server.port, extra=tls_block(pki.issue("reviews"))),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(text) as server:
+            listener = server.app.listeners["inbound"]
+            data = await asyncio.to_thread(_tls_get, server.inbound_port, ctx)
+            assert data == b""
+            await _until(lambda: listener.active == 0 and not listener.tasks)
+            assert listener.tls_failures == {"bad_certificate": 1}
+            assert "refused connection from 127.0.0.1:" in caplog.text
+            assert app_server.requests == []
+
+
+@needs_openssl
+async def test_upstream_certificate_with_a_non_utf8_uri_san_is_a_connect_failure(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The same certificate on an upstream reached with ISTIO_MUTUAL (auto mTLS): the
+    UnicodeDecodeError escaped _open_tls as no ConnectFailure, so the connect task died, the
+    waiting request was never answered (it hung: no route timeout by default) and the
+    connection slot was never given back. Now it is a connect failure: 503 UF at once."""
+    cert, key = _non_utf8_cert(pki, tmp_path / "odd")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(cert), str(key))
+    accepted = 0
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    tls_server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=server_ctx)
+    port = tls_server.sockets[0].getsockname()[1]
+    try:
+        text = join(
+            _boot("sleep", extra=tls_block(pki.issue("sleep"))),
+            reviews_entry(port),
+        )
+        async with proxy(text) as client, httpx.AsyncClient(timeout=5) as http:
+            resp = await http.get(f"{client.url}/", headers={"host": "reviews:9080"})
+            assert resp.status_code == 503
+            assert resp.text.endswith("remote connection failure"), resp.text
+            states = client.app.pools
+            assert states is not None
+            pools = [p for _, p in states.all_pools() if p.port == port]
+            assert pools and pools[0].connect_failures >= 1
+            assert not pools[0].connections
+    finally:
+        tls_server.close()
+        await tls_server.wait_closed()

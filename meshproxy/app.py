@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -465,7 +466,12 @@ class App:
         return self.credentials.expiries() if self.credentials is not None else []
 
     async def _listen(
-        self, name: str, address: HostPort, handler: Handler, tls: InboundTLS | None = None
+        self,
+        name: str,
+        address: HostPort,
+        handler: Handler,
+        tls: InboundTLS | None = None,
+        sock: socket.socket | None = None,
     ) -> Listener:
         spec = self.config.bootstrap.spec
         listener = Listener(
@@ -481,7 +487,7 @@ class App:
             original_dst=name == "outbound",
             server_codec=self.codecs.server,
         )
-        await listener.start()
+        await listener.start(sock)
         return listener
 
     def _sweep(self, now: float) -> None:
@@ -550,8 +556,16 @@ class App:
                     or current.address != address
                     or current.tls != runtime.tls[name]
                 ):
+                    # Same address, new mTLS mode: the port cannot be bound again while the old
+                    # listener listens, so the new one takes over its socket (a second
+                    # descriptor; the old one's close then leaves it listening).
+                    adopted = (
+                        current.listening_socket()
+                        if current is not None and current.address == address
+                        else None
+                    )
                     bound[name] = await self._listen(
-                        name, address, runtime.handlers[name], runtime.tls[name]
+                        name, address, runtime.handlers[name], runtime.tls[name], adopted
                     )
         except OSError as exc:
             for listener in bound.values():

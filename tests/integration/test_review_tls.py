@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshproxy.app import App
 from meshproxy.config.load import load_texts
 from meshproxy.io.ca import CA_CERT, CA_KEY
-from tests.helpers import join, proxy, upstream
+from tests.helpers import join, proxy, raw_exchange, upstream
 from tests.integration.test_mtls import _boot, reviews_entry
 from tests.pki import Pki, peer_authentication, tls_block
 
@@ -272,3 +272,55 @@ async def test_upstream_certificate_with_a_non_utf8_uri_san_is_a_connect_failure
     finally:
         tls_server.close()
         await tls_server.wait_closed()
+
+
+async def _plain_get(port: int) -> bytes:
+    """One plaintext GET, read to EOF; b"" when the connection is refused or reset."""
+    try:
+        return await raw_exchange(
+            port, b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"
+        )
+    except ConnectionError:
+        return b""
+
+
+async def test_peer_authentication_mode_change_reloads_on_the_same_port(pki: Pki) -> None:
+    """Istio's usual migration (PERMISSIVE to STRICT, or back) on a fixed inbound port (15006):
+    a new mTLS mode means a new listener on the same address, and binding that port while the
+    old listener still listened failed, so the reload was rejected ("cannot listen: Address
+    already in use") and the new mode never applied without a restart. The new listener now
+    takes over the old one's socket; the old one drains."""
+    holder = socket.socket()  # keeps the port for the proxy to bind (SO_REUSEADDR, no listen)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    files = pki.issue("reviews")
+    tls_client = pki.client_context(pki.issue("sleep"))
+    async with upstream() as app_server:
+
+        def config(mode: str) -> str:
+            boot = _boot("reviews", inbound_app=app_server.port, extra=tls_block(files))
+            boot = boot.replace(
+                "    address: 127.0.0.1:0\n    app:", f"    address: 127.0.0.1:{port}\n    app:"
+            )
+            return join(boot, peer_authentication(mode))
+
+        try:
+            async with proxy(config("STRICT")) as server:
+                holder.close()
+                assert server.inbound_port == port
+                for mode in ("PERMISSIVE", "DISABLE", "STRICT"):
+                    result = await server.app.reload(load_texts([("test.yaml", config(mode))]))
+                    assert result.accepted, result.errors
+                    assert server.inbound_port == port
+                    plain = await _plain_get(port)
+                    if mode == "STRICT":
+                        assert plain == b"", plain[:200]
+                        assert server.app.listeners["inbound"].tls_failures == {"plaintext": 1}
+                    else:
+                        assert plain.startswith(b"HTTP/1.1 200 "), (mode, plain[:200])
+                    if mode != "DISABLE":
+                        data = await asyncio.to_thread(_tls_get, port, tls_client)
+                        assert data.startswith(b"HTTP/1.1 200 "), (mode, data[:200])
+        finally:
+            holder.close()

@@ -201,7 +201,11 @@ class WorkloadCredentials:
             raise CertificateError(
                 CertCheck.PEM, f"cannot keep a private copy in {self._private}: {exc.strerror}"
             ) from exc
-        roots = tuple(cert_info(p) for p in _split_pem(root_pem))
+        blocks = _split_pem(root_pem)
+        roots = tuple(cert_info(p) for p in blocks)
+        # Only the certificate blocks: a bundle made from Mozilla's list has UTF-8 comment lines
+        # ("# Issuer: ...") that the checks allow but ``cadata`` (ASCII text) does not.
+        root_pem = b"".join(blocks)
         try:
             server = _base_context(ssl.Purpose.CLIENT_AUTH)
             server.load_cert_chain(cert_file, key_file)

@@ -324,3 +324,29 @@ async def test_peer_authentication_mode_change_reloads_on_the_same_port(pki: Pki
                         assert data.startswith(b"HTTP/1.1 200 "), (mode, data[:200])
         finally:
             holder.close()
+
+
+async def test_trust_bundle_with_non_ascii_comments_is_loaded(pki: Pki, tmp_path: Path) -> None:
+    """Bundles made from Mozilla's list (certifi's cacert.pem, trust-manager's defaults) carry
+    ``# Issuer:`` comment lines in UTF-8 before each certificate. The checks accepted such a
+    bundle, then the contexts were loaded from ``bundle.decode("ascii")``, which raised: the
+    proxy refused to start ("the TLS library refused the credentials"). Only the certificate
+    blocks go to the TLS library now."""
+    server_files = pki.issue("reviews")
+    bundle = tmp_path / "bundle-with-comments.pem"
+    bundle.write_bytes(
+        "# Issuer: CN=NetLock Arany (Class Gold) Főtanúsítvány\n".encode()
+        + server_files.ca.read_bytes()
+    )
+    block = tls_block(server_files).replace(f"rootCert: {server_files.ca}", f"rootCert: {bundle}")
+    assert str(bundle) in block
+    async with upstream() as app_server:
+        text = join(
+            _boot("reviews", inbound_app=app_server.port, extra=block),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(text) as server:
+            data = await asyncio.to_thread(
+                _tls_get, server.inbound_port, pki.client_context(pki.issue("sleep"))
+            )
+            assert data.startswith(b"HTTP/1.1 200 "), data[:200]

@@ -537,6 +537,17 @@ class App:
                 config = await asyncio.to_thread(load_paths, self.config_paths)
             except ConfigError as exc:
                 return self._rejected(previous, [str(issue) for issue in exc.issues])
+        if config.bootstrap.spec.tls != previous.config.bootstrap.spec.tls:
+            # The credentials (and the mTLS they allow) are loaded once, at start; swapping the
+            # rest around them would, e.g., accept a STRICT inbound with no certificate loaded
+            # and serve it in plaintext. The certificate files themselves rotate without this.
+            return self._rejected(
+                previous,
+                [
+                    "spec.tls changed: the workload certificate settings apply at start; "
+                    "restart to change them (rewritten certificate files rotate on their own)"
+                ],
+            )
         try:
             runtime = self._build(config, previous)
         except ValueError as exc:  # validation should have caught it; reject, don't crash

@@ -350,3 +350,37 @@ async def test_trust_bundle_with_non_ascii_comments_is_loaded(pki: Pki, tmp_path
                 _tls_get, server.inbound_port, pki.client_context(pki.issue("sleep"))
             )
             assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+
+
+async def test_reload_that_changes_spec_tls_is_rejected(pki: Pki) -> None:
+    """The workload credentials are loaded once, at start; a reload kept them (or their
+    absence) whatever its spec.tls said. Adding spec.tls with a STRICT PeerAuthentication was
+    accepted, yet with no credentials loaded the inbound listener stayed plaintext: a config
+    that says STRICT served plaintext, and reported success. Now a reload that changes spec.tls
+    is rejected whole, naming it, and the running config stays."""
+    files = pki.issue("reviews")
+    async with upstream() as app_server:
+        plain = _boot("reviews", inbound_app=app_server.port)
+        strict = join(
+            _boot("reviews", inbound_app=app_server.port, extra=tls_block(files)),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(plain) as server:
+            result = await server.app.reload(load_texts([("test.yaml", strict)]))
+            assert not result.accepted
+            assert any("spec.tls" in error for error in result.errors), result.errors
+            assert result.version == 1
+            listener = server.app.listeners["inbound"]
+            assert listener.tls is None  # still the running config's plaintext inbound
+        async with proxy(strict) as server:
+            moved = tls_block(pki.issue("reviews")).replace("5s", "7s")
+            changed = join(
+                _boot("reviews", inbound_app=app_server.port, extra=moved),
+                peer_authentication("STRICT"),
+            )
+            result = await server.app.reload(load_texts([("test.yaml", changed)]))
+            assert not result.accepted
+            assert any("spec.tls" in error for error in result.errors), result.errors
+            # An unchanged spec.tls reloads as before.
+            result = await server.app.reload(load_texts([("test.yaml", strict)]))
+            assert result.accepted, result.errors

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from meshproxy.config.model import TLSMode, WorkloadTLS
 from meshproxy.core.identity import parse_spiffe
-from meshproxy.core.origination import Origination, Verify
+from meshproxy.core.origination import ISTIO_ALPN_HTTP11, Origination, Verify
 from meshproxy.errors import CertCheck, CertificateError
 from meshproxy.io.ca import ROTATION_RATIO, CertInfo, cert_info, issue_in_memory, load_pair
 
@@ -219,6 +219,9 @@ class WorkloadCredentials:
             client.verify_mode = ssl.CERT_REQUIRED
             client.load_cert_chain(cert_file, key_file)
             client.load_verify_locations(cadata=root_pem.decode("ascii"))
+            # ISTIO_MUTUAL always offers Istio's ALPN: set here, with the generation, so that
+            # no file is read when a connection is made (the private copies may be gone).
+            client.set_alpn_protocols([ISTIO_ALPN_HTTP11])
         except (ssl.SSLError, ValueError) as exc:
             raise CertificateError(
                 CertCheck.PEM, f"the TLS library refused the credentials: {exc}"
@@ -400,7 +403,7 @@ class ClientContexts:
             found = self._cache.get(origination)
             if found is None:
                 found = creds.current.client
-                if origination.alpn:
+                if origination.alpn and origination.alpn != (ISTIO_ALPN_HTTP11,):
                     found = self._with_alpn(origination, creds.current)
                 self._cache[origination] = found
             return found

@@ -384,3 +384,31 @@ async def test_reload_that_changes_spec_tls_is_rejected(pki: Pki) -> None:
             # An unchanged spec.tls reloads as before.
             result = await server.app.reload(load_texts([("test.yaml", strict)]))
             assert result.accepted, result.errors
+
+
+async def test_istio_mutual_origination_after_the_private_copies_were_cleaned(
+    pki: Pki,
+) -> None:
+    """The ISTIO_MUTUAL context (with its ALPN) was built on the first connection to a
+    destination, from the private copies of the key and certificate; once a host's temporary
+    file cleaner had removed them (systemd-tmpfiles, /tmp entries unused for 10 days: a
+    long-lived certificate outlives that) the OSError escaped the connect task, and the request
+    hung unanswered with its connection slot taken. The context is built with the generation
+    now, so no file is read when connecting."""
+    async with upstream() as app_server:
+        server_text = join(
+            _boot("reviews", inbound_app=app_server.port, extra=tls_block(pki.issue("reviews"))),
+            peer_authentication("STRICT"),
+        )
+        async with proxy(server_text) as server:
+            client_text = join(
+                _boot("sleep", extra=tls_block(pki.issue("sleep"))),
+                reviews_entry(server.inbound_port),
+            )
+            async with proxy(client_text) as client, httpx.AsyncClient(timeout=5) as http:
+                creds = client.app.credentials
+                assert creds is not None
+                shutil.rmtree(creds._private)  # what the cleaner does
+                resp = await http.get(f"{client.url}/", headers={"host": "reviews:9080"})
+                assert resp.status_code == 200, resp.text
+                assert app_server.requests[-1].header("x-forwarded-client-cert") is not None

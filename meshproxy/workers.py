@@ -422,23 +422,35 @@ class Supervisor:
 _PUMP_LINE_MAX = 1 << 20
 
 
-async def _pump(stream: asyncio.StreamReader, out: BinaryIO) -> None:
+async def _pump(stream: asyncio.StreamReader, out: BinaryIO | None) -> None:
     """Copy a worker's stdout to ``out`` (the supervisor's) until EOF, whole lines at a time so
     that two workers' lines never interleave mid-line; the worker never blocks on a full pipe
-    unless ``out`` does."""
+    unless ``out`` does. If ``out`` fails (a closed pipe), the rest is read and dropped: a
+    worker blocked on its stdout would stop serving."""
     pending = b""
     while chunk := await stream.read(65536):
+        if out is None:
+            continue
         data = pending + chunk
         end = data.rfind(b"\n") + 1
         if end == 0 and len(data) >= _PUMP_LINE_MAX:
             end = len(data)
-        if end:
-            out.write(data[:end])
-            out.flush()
         pending = data[end:]
-    if pending:
-        out.write(pending)
+        if end:
+            out = _copy(out, data[:end])
+    if pending and out is not None:
+        _copy(out, pending)
+
+
+def _copy(out: BinaryIO, data: bytes) -> BinaryIO | None:
+    """Write and flush ``data``; None (stop copying) when ``out`` cannot take it."""
+    try:
+        out.write(data)
         out.flush()
+    except (OSError, ValueError) as exc:
+        log.warning("cannot copy the workers' output to stdout any more: %s", exc)
+        return None
+    return out
 
 
 def _content_type(body: bytes) -> bytes:

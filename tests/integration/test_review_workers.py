@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from meshproxy.workers import _pump
 from tests.helpers import ProxyProcess, bootstrap, join, service_entry, upstream
 
 
@@ -121,3 +122,34 @@ def test_worker_whose_supervisor_is_gone_does_not_start(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert b"its supervisor is gone; not starting" in done.stderr
     assert done.stdout == b""
+
+
+async def test_stdout_copy_keeps_draining_a_worker_when_stdout_is_broken() -> None:
+    """The supervisor's stdout may fail (its reader went away: a closed pipe). The copy must
+    still read each worker's pipe to EOF, or a worker blocks on its next stdout line (a reload
+    line is printed on its event loop) and stops serving."""
+    loop = asyncio.get_running_loop()
+    worker_r, worker_w = os.pipe()  # a worker's stdout, as the supervisor sees it
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(worker_r, "rb", 0)
+    )
+    out_r, out_w = os.pipe()
+    os.close(out_r)  # nobody reads the supervisor's stdout any more
+    out = os.fdopen(out_w, "wb")
+    try:
+        copying = asyncio.create_task(_pump(reader, out))
+
+        def worker_writes() -> int:
+            line = b"x" * 1023 + b"\n"
+            with os.fdopen(worker_w, "wb") as stdout:
+                for _ in range(1024):  # 1 MiB: far more than a pipe holds
+                    stdout.write(line)
+            return 1024
+
+        assert await asyncio.wait_for(asyncio.to_thread(worker_writes), 10) == 1024
+        await asyncio.wait_for(copying, 10)
+    finally:
+        transport.close()
+        with contextlib.suppress(OSError):
+            out.close()

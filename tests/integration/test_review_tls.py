@@ -313,6 +313,9 @@ async def test_peer_authentication_mode_change_reloads_on_the_same_port(pki: Pki
                     result = await server.app.reload(load_texts([("test.yaml", config(mode))]))
                     assert result.accepted, result.errors
                     assert server.inbound_port == port
+                    # The old listener has drained and closed its descriptor of the socket.
+                    await _until(lambda: not server.app.active_connections)
+                    await _until(lambda: not server.app._retiring)
                     plain = await _plain_get(port)
                     if mode == "STRICT":
                         assert plain == b"", plain[:200]

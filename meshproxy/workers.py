@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -381,7 +382,9 @@ class Supervisor:
         return AdminResponse(status=200 if ok else 502, body=b"OK\n" if ok else b"partial\n")
 
     async def _first(self, request: AdminRequest) -> AdminResponse:
-        query = "&".join(f"{k}={v}" for k, vs in request.query.items() for v in vs)
+        # Encoded again: the values are decoded (a space or an & inside one would break the
+        # request line or split the value).
+        query = urllib.parse.urlencode([(k, v) for k, vs in request.query.items() for v in vs])
         status, body = await self.workers[0].ask(
             "GET", request.path + (f"?{query}" if query else "")
         )

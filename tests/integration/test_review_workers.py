@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -153,3 +155,36 @@ async def test_stdout_copy_keeps_draining_a_worker_when_stdout_is_broken() -> No
         transport.close()
         with contextlib.suppress(OSError):
             out.close()
+
+
+async def test_supervisor_forwards_admin_queries_encoded(tmp_path: Path) -> None:
+    """``/route`` and the other worker-0 pages are forwarded with their query. The supervisor
+    re-joined the decoded values raw: a space (``header=x-user: jason``) broke the request line
+    it sent, and an ``&`` inside the ``url`` value split it into two parameters. It must answer
+    exactly what worker 0 answers for the same URL."""
+    async with upstream() as app:
+        config = tmp_path / "mesh.yaml"
+        config.write_text(join(bootstrap(), service_entry("svc", [app.port])))
+        proc = await ProxyProcess(str(config), "--workers", "2").start()
+        try:
+            admin = proc.ports["admin"]
+            _, body = await asyncio.to_thread(_get, admin, "/workers")
+            worker0 = json.loads(body)["workers"][0]["admin"].rsplit(":", 1)[1]
+            query = urllib.parse.urlencode(
+                {"url": "http://svc:9080/a b?x=1&y=2", "header": "x-user: jason j"}
+            )
+            direct = await asyncio.to_thread(_get, int(worker0), f"/route?{query}")
+            assert direct[0] == 200, direct
+            assert "x=1&y=2" in direct[1].decode(), direct[1][:300]
+            forwarded = await asyncio.to_thread(_get, admin, f"/route?{query}")
+            assert forwarded == direct
+        finally:
+            proc.stop()
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

@@ -48,6 +48,7 @@ from meshproxy.config.model import (
     MeshConfig,
     MtlsMode,
     TracingExporter,
+    WorkloadTLS,
     yaml_key,
 )
 from meshproxy.core.authz import Authorizer
@@ -153,6 +154,14 @@ class ReloadResult:
     accepted: bool
     version: int
     errors: tuple[str, ...] = ()
+
+
+def _credential_settings(config: MeshConfig) -> WorkloadTLS | None:
+    """``spec.tls`` less what a reload may change (the handshake timeout, read per listener)."""
+    tls = config.bootstrap.spec.tls
+    if tls is None:
+        return None
+    return dataclasses.replace(tls, handshake_timeout=WorkloadTLS().handshake_timeout)
 
 
 class App:
@@ -537,7 +546,7 @@ class App:
                 config = await asyncio.to_thread(load_paths, self.config_paths)
             except ConfigError as exc:
                 return self._rejected(previous, [str(issue) for issue in exc.issues])
-        if config.bootstrap.spec.tls != previous.config.bootstrap.spec.tls:
+        if _credential_settings(config) != _credential_settings(previous.config):
             # The credentials (and the mTLS they allow) are loaded once, at start; swapping the
             # rest around them would, e.g., accept a STRICT inbound with no certificate loaded
             # and serve it in plaintext. The certificate files themselves rotate without this.

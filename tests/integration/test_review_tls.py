@@ -384,9 +384,22 @@ async def test_reload_that_changes_spec_tls_is_rejected(pki: Pki) -> None:
             result = await server.app.reload(load_texts([("test.yaml", changed)]))
             assert not result.accepted
             assert any("spec.tls" in error for error in result.errors), result.errors
-            # An unchanged spec.tls reloads as before.
+            # An unchanged spec.tls reloads as before, and so does a new handshake timeout
+            # (read per listener: a new listener on the same socket).
             result = await server.app.reload(load_texts([("test.yaml", strict)]))
             assert result.accepted, result.errors
+            slower = join(
+                _boot(
+                    "reviews",
+                    inbound_app=app_server.port,
+                    extra=tls_block(files, handshake_timeout="7s"),
+                ),
+                peer_authentication("STRICT"),
+            )
+            result = await server.app.reload(load_texts([("test.yaml", slower)]))
+            assert result.accepted, result.errors
+            assert server.app.listeners["inbound"].tls is not None
+            assert server.app.listeners["inbound"].tls.handshake_timeout == 7.0
 
 
 async def test_istio_mutual_origination_after_the_private_copies_were_cleaned(

@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ from meshproxy.config.model import (
     MeshConfig,
     MtlsMode,
     TracingExporter,
+    WorkloadTLS,
     yaml_key,
 )
 from meshproxy.core.authz import Authorizer
@@ -152,6 +154,14 @@ class ReloadResult:
     accepted: bool
     version: int
     errors: tuple[str, ...] = ()
+
+
+def _credential_settings(config: MeshConfig) -> WorkloadTLS | None:
+    """``spec.tls`` less what a reload may change (the handshake timeout, read per listener)."""
+    tls = config.bootstrap.spec.tls
+    if tls is None:
+        return None
+    return dataclasses.replace(tls, handshake_timeout=WorkloadTLS().handshake_timeout)
 
 
 class App:
@@ -465,7 +475,12 @@ class App:
         return self.credentials.expiries() if self.credentials is not None else []
 
     async def _listen(
-        self, name: str, address: HostPort, handler: Handler, tls: InboundTLS | None = None
+        self,
+        name: str,
+        address: HostPort,
+        handler: Handler,
+        tls: InboundTLS | None = None,
+        sock: socket.socket | None = None,
     ) -> Listener:
         spec = self.config.bootstrap.spec
         listener = Listener(
@@ -481,7 +496,7 @@ class App:
             original_dst=name == "outbound",
             server_codec=self.codecs.server,
         )
-        await listener.start()
+        await listener.start(sock)
         return listener
 
     def _sweep(self, now: float) -> None:
@@ -531,6 +546,17 @@ class App:
                 config = await asyncio.to_thread(load_paths, self.config_paths)
             except ConfigError as exc:
                 return self._rejected(previous, [str(issue) for issue in exc.issues])
+        if _credential_settings(config) != _credential_settings(previous.config):
+            # The credentials (and the mTLS they allow) are loaded once, at start; swapping the
+            # rest around them would, e.g., accept a STRICT inbound with no certificate loaded
+            # and serve it in plaintext. The certificate files themselves rotate without this.
+            return self._rejected(
+                previous,
+                [
+                    "spec.tls changed: the workload certificate settings apply at start; "
+                    "restart to change them (rewritten certificate files rotate on their own)"
+                ],
+            )
         try:
             runtime = self._build(config, previous)
         except ValueError as exc:  # validation should have caught it; reject, don't crash
@@ -550,8 +576,16 @@ class App:
                     or current.address != address
                     or current.tls != runtime.tls[name]
                 ):
+                    # Same address, new mTLS mode: the port cannot be bound again while the old
+                    # listener listens, so the new one takes over its socket (a second
+                    # descriptor; the old one's close then leaves it listening).
+                    adopted = (
+                        current.listening_socket()
+                        if current is not None and current.address == address
+                        else None
+                    )
                     bound[name] = await self._listen(
-                        name, address, runtime.handlers[name], runtime.tls[name]
+                        name, address, runtime.handlers[name], runtime.tls[name], adopted
                     )
         except OSError as exc:
             for listener in bound.values():

@@ -51,7 +51,13 @@ from meshproxy.errors import CertificateError, ConfigError
 from meshproxy.io.capture import IptablesError, apply_rules
 from meshproxy.io.loop import loop_factory
 from meshproxy.io.wait import wait_ready
-from meshproxy.workers import Supervisor, as_worker, worker_config, worker_count
+from meshproxy.workers import (
+    Supervisor,
+    as_worker,
+    follow_supervisor,
+    worker_config,
+    worker_count,
+)
 
 log = logging.getLogger("meshproxy")
 
@@ -412,6 +418,9 @@ def _run(
         return 1
     worker = as_worker(os.environ)
     if worker is not None:
+        if not follow_supervisor(os.environ):
+            print("meshproxy worker: its supervisor is gone; not starting", file=sys.stderr)
+            return 1
         config = worker_config(config, os.environ)
     else:
         count = worker_count(workers if workers is not None else config.bootstrap.spec.workers)

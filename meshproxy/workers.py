@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -34,8 +35,10 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
@@ -48,6 +51,8 @@ from meshproxy.io.admin import AdminRequest, AdminResponse, AdminServer, Deferre
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "MESHPROXY_WORKER"  # "index/count" in a worker's environment
+SUPERVISOR_ENV = "MESHPROXY_SUPERVISOR_PID"  # the supervisor's pid, in a worker's environment
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_PREFIX = "meshproxy ready: "
 START_TIMEOUT = 60.0
 _ADMIN_TIMEOUT = 5.0
@@ -98,6 +103,21 @@ def as_worker(env: Mapping[str, str]) -> tuple[int, int] | None:
         return None
     index, _, count = value.partition("/")
     return int(index), int(count)
+
+
+def follow_supervisor(env: Mapping[str, str]) -> bool:
+    """In a worker: have the kernel send SIGTERM (a drain) when the supervisor dies, however it
+    dies (SIGKILL, the OOM killer), so that no orphan keeps serving the ports with SO_REUSEPORT
+    beside a restarted meshproxy. False when the supervisor is already gone (the worker must
+    not start)."""
+    parent = int(env.get(SUPERVISOR_ENV) or 0)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    # The supervisor may have died before the prctl: then no signal comes, and the parent is
+    # already someone else (init or a subreaper).
+    return not parent or os.getppid() == parent
 
 
 def worker_config(config: MeshConfig, env: Mapping[str, str]) -> MeshConfig:
@@ -200,6 +220,7 @@ class Supervisor:
             for index in range(self.count):
                 env = dict(os.environ, **{WORKER_ENV: f"{index}/{self.count}"})
                 env["MESHPROXY_WORKER_BINDS"] = ",".join(binds)
+                env[SUPERVISOR_ENV] = str(os.getpid())
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
@@ -254,10 +275,11 @@ class Supervisor:
                 host, _, port = fields.get("admin", "").rpartition(":")
                 worker.admin = (host.strip("[]"), int(port))
                 worker.listeners = " ".join(f"{k}={v}" for k, v in fields.items() if k != "admin")
-                # Keep draining the worker's stdout so it never blocks on a full pipe.
+                # From here on the worker's stdout is its access log (``-``, Istio's default
+                # ``/dev/stdout``) and its reload lines: copied to ours, never dropped.
                 self._own(
                     asyncio.get_running_loop().create_task(
-                        _pump(stdout), name=f"worker-{worker.index}-stdout"
+                        _pump(stdout, sys.stdout.buffer), name=f"worker-{worker.index}-stdout"
                     )
                 )
                 return
@@ -312,6 +334,10 @@ class Supervisor:
                     await asyncio.gather(*(w.process.wait() for w in self.workers))
             except TimeoutError:
                 await self._terminate()
+        if self._tasks:
+            # The stdout pumps end at their worker's EOF: let them copy its last lines (the
+            # access log of the requests drained at exit) rather than cut them off.
+            await asyncio.wait(list(self._tasks), timeout=_ADMIN_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -356,7 +382,9 @@ class Supervisor:
         return AdminResponse(status=200 if ok else 502, body=b"OK\n" if ok else b"partial\n")
 
     async def _first(self, request: AdminRequest) -> AdminResponse:
-        query = "&".join(f"{k}={v}" for k, vs in request.query.items() for v in vs)
+        # Encoded again: the values are decoded (a space or an & inside one would break the
+        # request line or split the value).
+        query = urllib.parse.urlencode([(k, v) for k, vs in request.query.items() for v in vs])
         status, body = await self.workers[0].ask(
             "GET", request.path + (f"?{query}" if query else "")
         )
@@ -393,9 +421,39 @@ class Supervisor:
         return _json(merge_json(docs) if docs else {"clusters": []})
 
 
-async def _pump(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+# A worker's partial line kept back at most this long before it is written anyway.
+_PUMP_LINE_MAX = 1 << 20
+
+
+async def _pump(stream: asyncio.StreamReader, out: BinaryIO | None) -> None:
+    """Copy a worker's stdout to ``out`` (the supervisor's) until EOF, whole lines at a time so
+    that two workers' lines never interleave mid-line; the worker never blocks on a full pipe
+    unless ``out`` does. If ``out`` fails (a closed pipe), the rest is read and dropped: a
+    worker blocked on its stdout would stop serving."""
+    pending = b""
+    while chunk := await stream.read(65536):
+        if out is None:
+            continue
+        data = pending + chunk
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) >= _PUMP_LINE_MAX:
+            end = len(data)
+        pending = data[end:]
+        if end:
+            out = _copy(out, data[:end])
+    if pending and out is not None:
+        _copy(out, pending)
+
+
+def _copy(out: BinaryIO, data: bytes) -> BinaryIO | None:
+    """Write and flush ``data``; None (stop copying) when ``out`` cannot take it."""
+    try:
+        out.write(data)
+        out.flush()
+    except (OSError, ValueError) as exc:
+        log.warning("cannot copy the workers' output to stdout any more: %s", exc)
+        return None
+    return out
 
 
 def _content_type(body: bytes) -> bytes:

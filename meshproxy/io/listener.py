@@ -134,38 +134,68 @@ class Listener:
         self._accept_task: asyncio.Task[None] | None = None
         self._handshaking = 0
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen, or take over ``sock``, a listening socket (``listening_socket``)
+        of the listener this one replaces on the same address: the port cannot be bound
+        twice while that one still listens."""
         if self.tls is not None:
-            await self._start_tls()
+            await self._start_tls(sock)
             return
-        self.server = await self.loop.create_server(
-            lambda: DownstreamConnection(self, self.handler),
-            self.address.host,
-            self.address.port,
-            backlog=4096,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-        )
+        try:
+            if sock is not None:
+                self.server = await self.loop.create_server(
+                    lambda: DownstreamConnection(self, self.handler), sock=sock, backlog=4096
+                )
+            else:
+                self.server = await self.loop.create_server(
+                    lambda: DownstreamConnection(self, self.handler),
+                    self.address.host,
+                    self.address.port,
+                    backlog=4096,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                )
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("listener %s on %s:%d", self.name, self.address.host, self.port)
 
+    def listening_socket(self) -> socket.socket | None:
+        """A new descriptor of this listener's bound, listening socket (for a successor on the
+        same address); None when it no longer listens."""
+        if self._lsock is not None:
+            return self._lsock.dup() if self._lsock.fileno() >= 0 else None
+        if self.server is not None and self.server.sockets:
+            held = self.server.sockets[0]
+            return socket.fromfd(held.fileno(), held.family, held.type)
+        return None
+
     # -- mTLS accept path ------------------------------------------------------------------------
-    async def _start_tls(self) -> None:
-        infos = await self.loop.getaddrinfo(
-            self.address.host, self.address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(sockaddr)
-            sock.listen(4096)
+    async def _start_tls(self, adopted: socket.socket | None = None) -> None:
+        if adopted is not None:
+            sock = adopted
             sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        else:
+            infos = await self.loop.getaddrinfo(
+                self.address.host,
+                self.address.port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(sockaddr)
+                sock.listen(4096)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
         self._lsock = sock
         self.port = sock.getsockname()[1]
         self._accept_task = self.loop.create_task(self._accept(sock), name=f"{self.name}-accept")
@@ -237,7 +267,10 @@ class Listener:
                     ssl=generation.server,
                     ssl_handshake_timeout=max(0.001, deadline - loop.time()),
                 )
-            except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # ValueError: ssl's UnicodeDecodeError for a peer certificate name that is not
+            # UTF-8, raised when the handshake completes; a refusal like any other, never an
+            # exception that kills this task.
+            except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
                 reason = verify_failure_reason(exc)
                 kind = (
                     "handshake_timeout"
@@ -308,7 +341,9 @@ class Listener:
 
     @property
     def active(self) -> int:
-        return len(self.connections)
+        # Accepted connections still before or in their TLS handshake count too (as in Envoy's
+        # downstream_cx_active): a drain must wait for them, not exit and cut them off.
+        return len(self.connections) + self._handshaking
 
     def _stop_accepting(self) -> None:
         if self._accept_task is not None:

@@ -609,7 +609,10 @@ class EndpointPool:
         except TimeoutError as exc:
             self.connect_failures += 1
             raise ConnectFailure(f"connect to {key} timed out") from exc
-        except (ssl.SSLError, ssl.CertificateError) as exc:
+        # ValueError: ssl's UnicodeDecodeError for a server certificate name that is not UTF-8,
+        # raised as the handshake completes. Anything but ConnectFailure would kill the connect
+        # task, leaving its waiter unanswered and its connection slot taken.
+        except (ssl.SSLError, ssl.CertificateError, ValueError) as exc:
             self.connect_failures += 1
             reason = verify_failure_reason(exc)
             log.warning("TLS handshake with %s failed: %s", key, reason)

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshproxy.config.model import TLSMode, WorkloadTLS
-from meshproxy.core.origination import Origination, Verify
+from meshproxy.core.identity import parse_spiffe
+from meshproxy.core.origination import ISTIO_ALPN_HTTP11, Origination, Verify
 from meshproxy.errors import CertCheck, CertificateError
 
 if TYPE_CHECKING:
@@ -68,7 +69,10 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> PeerIdentity | N
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    uri = next((v for v in _sans(ssl_object, "URI") if v.startswith("spiffe://")), "")
+    # Only a well-formed SPIFFE ID is an identity (core/identity.py): the URI SAN's text goes
+    # verbatim into x-forwarded-client-cert, the principal and the logs, so one that merely
+    # starts with spiffe:// could add XFCC fields (; , ") or header lines (CR LF) of its own.
+    uri = next((v for v in _sans(ssl_object, "URI") if parse_spiffe(v) is not None), "")
     return PeerIdentity(uri=uri, cert_hash=hashlib.sha256(der).hexdigest())
 
 
@@ -209,7 +213,11 @@ class WorkloadCredentials:
             ) from exc
         from meshproxy.io.ca import cert_info
 
-        roots = tuple(cert_info(p) for p in _split_pem(root_pem))
+        blocks = _split_pem(root_pem)
+        roots = tuple(cert_info(p) for p in blocks)
+        # Only the certificate blocks: a bundle made from Mozilla's list has UTF-8 comment lines
+        # ("# Issuer: ...") that the checks allow but ``cadata`` (ASCII text) does not.
+        root_pem = b"".join(blocks)
         try:
             server = _base_context(ssl.Purpose.CLIENT_AUTH)
             server.load_cert_chain(cert_file, key_file)
@@ -223,6 +231,9 @@ class WorkloadCredentials:
             client.verify_mode = ssl.CERT_REQUIRED
             client.load_cert_chain(cert_file, key_file)
             client.load_verify_locations(cadata=root_pem.decode("ascii"))
+            # ISTIO_MUTUAL always offers Istio's ALPN: set here, with the generation, so that
+            # no file is read when a connection is made (the private copies may be gone).
+            client.set_alpn_protocols([ISTIO_ALPN_HTTP11])
         except (ssl.SSLError, ValueError) as exc:
             raise CertificateError(
                 CertCheck.PEM, f"the TLS library refused the credentials: {exc}"
@@ -406,7 +417,7 @@ class ClientContexts:
             found = self._cache.get(origination)
             if found is None:
                 found = creds.current.client
-                if origination.alpn:
+                if origination.alpn and origination.alpn != (ISTIO_ALPN_HTTP11,):
                     found = self._with_alpn(origination, creds.current)
                 self._cache[origination] = found
             return found
@@ -471,6 +482,8 @@ def verify_failure_reason(exc: BaseException) -> str:
         return exc.reason or str(exc)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "handshake timed out"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"certificate name is not UTF-8: {exc.object[:80]!r}"
     return str(exc) or type(exc).__name__
 
 

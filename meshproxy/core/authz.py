@@ -54,22 +54,13 @@ Per field:
 Hot path: everything is compiled at build time into sets, prefix/suffix tuples, network lists and
 precompiled template regexes; ``check`` makes one small context per request and calls predicates.
 
-How a stack calls it (``stacks/inbound.py``), once per request after the head is parsed::
-
-    authorizer = Authorizer.from_config(config)      # at config load / reload
-    ...
-    if not authorizer.inactive:
-        decision = authorizer.check(AuthzRequest(
-            principal=peer.principal if peer else "",    # core.identity.parse_spiffe(uri SAN)
-            source_ip=peer_addr[0], destination_ip=local_addr[0], destination_port=local_addr[1],
-            host=head.authority, method=head.method, path=head.target,
-            headers=head.headers, sni=sni or "",
-        ))
-        if not decision.allowed:
-            # Envoy's RBAC local reply: 403, body "RBAC: access denied", response flag "RBAC",
-            # response_code_details "rbac_access_denied_matched_policy[<policy or none>]".
-            return local_reply(403, b"RBAC: access denied")
-        # decision.audited: Envoy logs the request with the audit policy's name (AUDIT action).
+How the inbound stack uses it (``stacks/inbound.py`` ``InboundStack._authorize``): the
+``Authorizer`` is built once per config (``App._build``, so a reload rebuilds it); a stack whose
+authorizer is ``inactive`` skips the step entirely; otherwise each request's ``AuthzRequest`` is
+filled from the record (the peer's SPIFFE ID without ``spiffe://``, the downstream address, the
+workload port, Host, method, path and headers) and a denial is raised as ``errors.AccessDenied``:
+Envoy's RBAC local reply, 403 ``RBAC: access denied`` with no response flag.
+``decision.audited`` names the AUDIT policy that matched; the stack logs it.
 
 Rules: pure and synchronous; no regex compiled after build; ``check`` raises nothing.
 """

@@ -128,7 +128,6 @@ class DownstreamConnection(asyncio.Protocol):
         "request_done",
         "response_started",
         "since",
-        "tls",
         "transport",
         "up_out",
         "upstream",
@@ -142,9 +141,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.codec: ServerCodec = listener.server_codec()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
-        # The TLS peer's proof of identity (None: plaintext, or no certificate).
+        # The mTLS peer's proof of identity (None: plaintext; a TLS peer without one is refused).
         self.identity: PeerIdentity | None = None
-        self.tls = False
         # Where the app connected before an iptables REDIRECT ("ip:port"; "" if not redirected).
         self.original_dst = ""
         self.phase = Phase.IDLE
@@ -199,7 +197,6 @@ class DownstreamConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            self.tls = True
             self.identity = identity = peer_identity(ssl_object)
             # mTLS means a SPIFFE identity: a certificate that chains to the bundle but names
             # no workload cannot be authorized or reported, so it is refused (issue #5 §4).
@@ -303,20 +300,25 @@ class DownstreamConnection(asyncio.Protocol):
             self._processing = False
             self._flush_upstream()
 
+    def _new_record(self, now: float) -> RequestRecord:
+        """A request's record with this connection's facts: its peer's identity (mTLS) and the
+        address the app connected to before a REDIRECT."""
+        record = RequestRecord(self.handler.direction, now, self.peer)
+        identity = self.identity
+        if identity is not None:
+            record.tls = True
+            record.source_principal = identity.uri
+            record.peer_cert_hash = identity.cert_hash
+        record.original_dst = self.original_dst
+        return record
+
     def _on_head(self, head: RequestHead) -> None:
         self.phase = Phase.ACTIVE
         now = self.loop.time()
         # The listener's handler as of this request: a config reload swaps it, and new requests
         # on kept-alive connections take the new one while this one finishes on its own.
         handler = self.handler = self.listener.handler
-        record = self.record = RequestRecord(handler.direction, now, self.peer)
-        if self.tls:
-            record.tls = True
-            identity = self.identity
-            if identity is not None:
-                record.source_principal = identity.uri
-                record.peer_cert_hash = identity.cert_hash
-        record.original_dst = self.original_dst
+        record = self.record = self._new_record(now)
         try:
             forward = handler.on_request(head, record)
         except ProxyError as exc:
@@ -746,10 +748,7 @@ class DownstreamConnection(asyncio.Protocol):
             return
         record = self.record
         if record is None:
-            record = self.record = RequestRecord(
-                self.handler.direction, self.loop.time(), self.peer
-            )
-            record.original_dst = self.original_dst
+            record = self.record = self._new_record(self.loop.time())
         record.add_flag(error.flag)
         record.response_code = error.status_hint
         close = error.close or self.listener.draining or not (self.request_done or self.bodyless)

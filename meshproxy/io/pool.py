@@ -563,49 +563,37 @@ class EndpointPool:
 
     async def _open(self) -> UpstreamConnection:
         """Open a connection (its slot already granted), bounded by the connect timeout, which
-        covers the TLS handshake when the endpoint is reached over TLS."""
-        loop = asyncio.get_running_loop()
-        tls = self.origination
-        if tls is not None:
-            return await self._open_tls(tls)
-        try:
-            async with asyncio.timeout(self.cluster.connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
-        except TimeoutError as exc:
-            self.connect_failures += 1
-            raise ConnectFailure(f"connect to {self.endpoint.key} timed out") from exc
-        except OSError as exc:
-            self.connect_failures += 1
-            raise ConnectFailure(f"connect to {self.endpoint.key}: {exc}") from exc
-        self.connections.add(protocol)
-        self.total_connections += 1
-        return protocol
-
-    async def _open_tls(self, tls: Origination) -> UpstreamConnection:
+        covers the TLS handshake when the endpoint is reached over TLS (``origination``)."""
         loop = asyncio.get_running_loop()
         key = self.endpoint.key
-        contexts = self.state.contexts
-        try:
-            if contexts is None:
-                raise CertificateError(CertCheck.PEM, "this proxy has no TLS contexts")
-            ctx = contexts.context(tls)
-        except CertificateError as exc:
-            self.connect_failures += 1
-            log.warning("TLS to %s (%s): %s", key, tls.mode.value, exc)
-            raise ConnectFailure(f"TLS to {key}: {exc}") from exc
+        tls = self.origination
         timeout = self.cluster.connect_timeout
+        ctx: ssl.SSLContext | None = None
+        if tls is not None:
+            contexts = self.state.contexts
+            try:
+                if contexts is None:
+                    raise CertificateError(CertCheck.PEM, "this proxy has no TLS contexts")
+                ctx = contexts.context(tls)
+            except CertificateError as exc:
+                self.connect_failures += 1
+                log.warning("TLS to %s (%s): %s", key, tls.mode.value, exc)
+                raise ConnectFailure(f"TLS to {key}: {exc}") from exc
         try:
             async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    self.host,
-                    self.port,
-                    ssl=ctx,
-                    server_hostname=tls.server_name or None,
-                    ssl_handshake_timeout=timeout,
-                )
+                if tls is None or ctx is None:
+                    transport, protocol = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port
+                    )
+                else:
+                    transport, protocol = await loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        self.host,
+                        self.port,
+                        ssl=ctx,
+                        server_hostname=tls.server_name or None,
+                        ssl_handshake_timeout=timeout,
+                    )
         except TimeoutError as exc:
             self.connect_failures += 1
             raise ConnectFailure(f"connect to {key} timed out") from exc
@@ -620,13 +608,14 @@ class EndpointPool:
         except OSError as exc:
             self.connect_failures += 1
             raise ConnectFailure(f"connect to {key}: {exc}") from exc
-        ssl_object = transport.get_extra_info("ssl_object")
-        mismatch = check_server_identity(tls, ssl_object) if ssl_object is not None else ""
-        if mismatch:
-            transport.abort()
-            self.connect_failures += 1
-            log.warning("TLS to %s refused: %s", key, mismatch)
-            raise ConnectFailure(mismatch)
+        if tls is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            mismatch = check_server_identity(tls, ssl_object) if ssl_object is not None else ""
+            if mismatch:
+                transport.abort()
+                self.connect_failures += 1
+                log.warning("TLS to %s refused: %s", key, mismatch)
+                raise ConnectFailure(mismatch)
         self.connections.add(protocol)
         self.total_connections += 1
         return protocol

@@ -240,7 +240,7 @@ async def test_upstream_certificate_with_a_non_utf8_uri_san_is_a_connect_failure
     pki: Pki, tmp_path: Path
 ) -> None:
     """The same certificate on an upstream reached with ISTIO_MUTUAL (auto mTLS): the
-    UnicodeDecodeError escaped _open_tls as no ConnectFailure, so the connect task died, the
+    UnicodeDecodeError escaped EndpointPool._open as no ConnectFailure, so the connect task died, the
     waiting request was never answered (it hung: no route timeout by default) and the
     connection slot was never given back. Now it is a connect failure: 503 UF at once."""
     cert, key = _non_utf8_cert(pki, tmp_path / "odd")
